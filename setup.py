@@ -1,0 +1,135 @@
+"""Build of sparge._C: the C backend, the pybind11 bindings and, when nvcc is
+found, the CUDA backend.
+
+Knobs (environment variables):
+  SPARGE_CUDA=0            skip the CUDA sources even if nvcc exists
+  SPARGE_CUDA_ARCHS        ';'-separated list, default "80;90a"
+  SPARGE_CPU_ARCH          -march value for the C backend, default "native";
+                           "none" builds portable code (for wheels built on
+                           one machine and installed on another)
+  CUDA_HOME                CUDA toolkit root (default: from nvcc's location)
+
+The build needs setuptools and pybind11 only: no torch headers are included.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+C_SOURCES = ["csrc/api.c"] + sorted(
+    os.path.join("csrc/cpu", f) for f in os.listdir(os.path.join(ROOT, "csrc/cpu")) if f.endswith(".c")
+)
+CU_SOURCES = sorted(
+    os.path.join("csrc/cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc/cuda")) if f.endswith(".cu")
+)
+for sub in ("csrc/cuda/inst",):
+    if os.path.isdir(os.path.join(ROOT, sub)):
+        CU_SOURCES += sorted(os.path.join(sub, f) for f in os.listdir(os.path.join(ROOT, sub)) if f.endswith(".cu"))
+
+
+def _compiler_accepts(compiler_cmd, flags):
+    """True when the C compiler builds an empty OpenMP-using unit with flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.c")
+        with open(src, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        cmd = list(compiler_cmd) + flags + [src, "-o", os.path.join(tmp, "t")]
+        try:
+            return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        except OSError:
+            return False
+
+
+def _find_cuda():
+    """(nvcc path, CUDA root) or (None, None)."""
+    if os.environ.get("SPARGE_CUDA", "1") == "0":
+        return None, None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return None, None
+    if not home:
+        home = "/usr/local/cuda" if os.path.isdir("/usr/local/cuda/lib64") else os.path.dirname(
+            os.path.dirname(os.path.realpath(nvcc)))
+    return nvcc, home
+
+
+def _cuda_libdir(home):
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+        d = os.path.join(home, sub)
+        if os.path.exists(os.path.join(d, "libcudart_static.a")):
+            return d
+    return None
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cc = self.compiler.compiler_so[:1]
+        openmp = ["-fopenmp"] if _compiler_accepts(cc, ["-fopenmp"]) else []
+        march = os.environ.get("SPARGE_CPU_ARCH", "native")
+        arch_flags = [] if march == "none" else [f"-march={march}"]
+        if arch_flags and not _compiler_accepts(cc, arch_flags):
+            arch_flags = []
+        c_flags = ["-std=c11", "-O3", "-fno-math-errno", "-Wall", "-Wextra", "-fvisibility=hidden"] + arch_flags + openmp
+        cxx_flags = ["-std=c++17", "-O2", "-fvisibility=hidden", "-Wall"]
+
+        ext = self.extensions[0]
+        nvcc, home = _find_cuda()
+        libdir = _cuda_libdir(home) if nvcc else None
+        if nvcc and libdir and CU_SOURCES:
+            archs = [a for a in os.environ.get("SPARGE_CUDA_ARCHS", "80;90a").split(";") if a]
+            gencode = []
+            for a in archs:
+                gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+            objs = []
+            os.makedirs(self.build_temp, exist_ok=True)
+            for src in CU_SOURCES:
+                obj = os.path.join(self.build_temp, src.replace("/", "_") + ".o")
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                       "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc/include", "-Icsrc",
+                       "-DSPARGE_WITH_CUDA"] + gencode
+                self.announce(" ".join(cmd), level=2)
+                print(" ".join(cmd), file=sys.stderr)
+                subprocess.check_call(cmd, cwd=ROOT)
+                objs.append(obj)
+            ext.extra_objects = list(ext.extra_objects or []) + objs
+            ext.define_macros = list(ext.define_macros or []) + [("SPARGE_WITH_CUDA", "1")]
+            ext.library_dirs = list(ext.library_dirs or []) + [libdir]
+            ext.extra_link_args = list(ext.extra_link_args or []) + ["-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+            print(f"sparge: CUDA backend enabled ({nvcc}, archs {archs})", file=sys.stderr)
+        else:
+            print("sparge: CUDA backend not built (no nvcc, no libcudart_static, or SPARGE_CUDA=0)", file=sys.stderr)
+        ext.extra_link_args = list(ext.extra_link_args or []) + openmp
+
+        original = self.compiler._compile
+
+        def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
+            flags = c_flags if src.endswith(".c") else cxx_flags
+            # Pybind11Extension's own C++ flags (-std=c++17 etc.) don't suit C files.
+            if src.endswith(".c"):
+                extra_postargs = [f for f in extra_postargs if not f.startswith("-std=") and f != "-fvisibility=hidden"]
+            return original(obj, src, ext_, cc_args, list(extra_postargs) + flags, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+ext_modules = [
+    Pybind11Extension(
+        "sparge._C",
+        ["csrc/bindings.cpp"] + C_SOURCES,
+        include_dirs=["csrc/include", "csrc"],
+        cxx_std=17,
+        language="c++",
+    )
+]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

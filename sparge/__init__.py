@@ -1,0 +1,33 @@
+"""sparge: training-free block-sparse attention for PyTorch (the SpargeAttn method).
+
+    import sparge
+    out = sparge.attn(q, k, v, is_causal=True, topk=0.25)   # drop-in for F.scaled_dot_product_attention
+
+See README.md and SPEC.md for the method and the contract.
+"""
+from ._lib import NotSupportedError, SpargeError
+from .functional import attn, block_shape, block_sparse_attn, fallback_counts, predict, reset_fallback_counts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attn",
+    "predict",
+    "block_sparse_attn",
+    "block_shape",
+    "fallback_counts",
+    "reset_fallback_counts",
+    "SpargeError",
+    "NotSupportedError",
+    "cuda_available",
+]
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA backend and a supported GPU is present."""
+    import torch
+
+    from . import _lib
+
+    return (_lib.cuda_compiled() and torch.cuda.is_available()
+            and _lib.device_reason("cuda", torch.cuda.current_device()) is None)

@@ -1,0 +1,144 @@
+"""Loads the compiled module ``sparge._C`` once and turns C status codes into
+Python exceptions. Everything that talks to the C ABI goes through here."""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+
+ABI_VERSION = 1
+if _C.abi_version() != ABI_VERSION:  # a stale build next to newer Python files
+    raise ImportError(
+        f"sparge._C has ABI version {_C.abi_version()}, this sparge package expects {ABI_VERSION}: "
+        "rebuild with `pip install .`"
+    )
+
+# sparge_status_t
+SUCCESS = 0
+INVALID_VALUE = 1
+NOT_SUPPORTED = 2
+MISALIGNED = 3
+CUDA_ERROR = 4
+INTERNAL = 5
+OUT_OF_MEMORY = 6
+WORKSPACE_TOO_SMALL = 7
+
+# sparge_dtype_t
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.bool: 3,
+    torch.uint8: 4,
+    torch.int32: 5,
+    torch.int64: 6,
+}
+DEVICE_CPU, DEVICE_CUDA = 1, 2
+
+# sparge_causal_t / sparge_select_t / sparge_precision_t
+CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
+SELECT_TOPK, SELECT_CDF = 0, 1
+PRECISION_CODES = {"auto": 0, "fp16": 1, "bf16": 2, "int8": 3}
+PRECISION_NAMES = {v: k for k, v in PRECISION_CODES.items()}
+
+
+class SpargeError(RuntimeError):
+    """A failure inside the C library (CUDA error, internal error, out of memory)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class NotSupportedError(SpargeError):
+    """Valid input that this build or device has no kernel for."""
+
+
+def check(status: int, what: str) -> None:
+    """Raise the Python exception matching a C status (ValueError for bad input)."""
+    if status == SUCCESS:
+        return
+    detail = _C.last_error()
+    message = f"{what}: {detail}" if detail else f"{what}: {_C.status_string(status)}"
+    if status == INVALID_VALUE or status == MISALIGNED:
+        raise ValueError(message)
+    if status == NOT_SUPPORTED:
+        raise NotSupportedError(status, message)
+    raise SpargeError(status, f"{message} ({_C.status_string(status)})")
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} is not supported by sparge") from None
+
+
+def device_codes(device: torch.device) -> Tuple[int, int]:
+    if device.type == "cpu":
+        return DEVICE_CPU, 0
+    if device.type == "cuda":
+        return DEVICE_CUDA, device.index if device.index is not None else torch.cuda.current_device()
+    return 0, 0  # the C layer answers NOT_SUPPORTED
+
+
+def desc(t: Optional[torch.Tensor]):
+    """The tuple form of a sparge_tensor_t for the bindings (None stays None)."""
+    if t is None:
+        return None
+    dev_type, dev_id = device_codes(t.device)
+    return (t.data_ptr(), dtype_code(t.dtype), dev_type, dev_id, tuple(t.shape), tuple(t.stride()))
+
+
+def stream_handle(device: torch.device) -> int:
+    """The current CUDA stream of a device as an integer (0 for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_compiled() -> bool:
+    return bool(_C.cuda_compiled())
+
+
+@functools.lru_cache(maxsize=None)
+def device_reason(device_type: str, device_index: int) -> Optional[str]:
+    """None when sparge kernels run on this device, else why not (cached)."""
+    dev_type, dev_id = device_codes(torch.device(device_type, device_index))
+    status = _C.device_supported(dev_type, dev_id)
+    if status == SUCCESS:
+        return None
+    return _C.last_error() or _C.status_string(status)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_shape_cached(dev_type: int, dev_id: int, head_dim: int, head_dim_v: int, dtype: int, precision: int):
+    status, bq, bk, group, prec = _C.block_shape(dev_type, dev_id, head_dim, head_dim_v, dtype, precision)
+    return status, (_C.last_error() if status else ""), (bq, bk, group, prec)
+
+
+def kernel_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                  precision: str) -> Tuple[int, int, int, int]:
+    """(block_q, block_k, pv_group, precision code) for this device; raises
+    NotSupportedError when there is no kernel, ValueError for nonsense."""
+    dev_type, dev_id = device_codes(device)
+    status, message, shape = _block_shape_cached(dev_type, dev_id, int(head_dim), int(head_dim_v),
+                                                 dtype_code(dtype), PRECISION_CODES[precision])
+    if status == SUCCESS:
+        return shape
+    if status == NOT_SUPPORTED:
+        raise NotSupportedError(status, message)
+    raise ValueError(f"block_shape: {message}")
+
+
+def workspace(nbytes: int, device: torch.device) -> Tuple[Optional[torch.Tensor], int]:
+    """A 64-byte aligned workspace from torch's allocator: (holder, address)."""
+    if nbytes == 0:
+        return None, 0
+    holder = torch.empty(nbytes + 64, dtype=torch.uint8, device=device)
+    address = (holder.data_ptr() + 63) & ~63
+    return holder, address

@@ -1,0 +1,82 @@
+"""torch.library custom ops over the C ABI, with fake (meta) implementations so
+that ``torch.compile(fullgraph=True)`` traces them and CUDA graphs capture them.
+
+The ops take ``[B, H, L, D]`` views (any strides, unit last stride) and never
+copy; ``out_bshd`` chooses the memory layout of the attention output.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C, _lib
+
+
+def _num_blocks(n, block: int):
+    return (n + block - 1) // block
+
+
+@torch.library.custom_op("sparge::predict", mutates_args=())
+def predict(q: torch.Tensor, k: torch.Tensor, sim_threshold: torch.Tensor, select_param: torch.Tensor,
+            scale: float, causal: int, select_mode: int, attention_sink: bool, block_q: int,
+            block_k: int) -> torch.Tensor:
+    B, Hq, Lq, _ = q.shape
+    mask = torch.empty((B, Hq, _num_blocks(Lq, block_q), _num_blocks(k.shape[2], block_k)), dtype=torch.bool,
+                       device=q.device)
+    dq, dk = _lib.desc(q), _lib.desc(k)
+    status, nbytes = _C.predict_workspace_size(dq, dk, scale, causal, select_mode, int(attention_sink), block_q,
+                                               block_k)
+    _lib.check(status, "sparge.predict")
+    holder, address = _lib.workspace(nbytes, q.device)
+    status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), scale, causal, select_mode,
+                        int(attention_sink), block_q, block_k, _lib.desc(mask), address, nbytes,
+                        _lib.stream_handle(q.device))
+    _lib.check(status, "sparge.predict")
+    del holder  # torch's allocator keeps it valid for the stream's pending work
+    return mask
+
+
+@predict.register_fake
+def _predict_fake(q, k, sim_threshold, select_param, scale, causal, select_mode, attention_sink, block_q, block_k):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, _num_blocks(Lq, block_q), _num_blocks(k.shape[2], block_k)), dtype=torch.bool)
+
+
+def _attn_outputs(q, v, out_bshd: bool, return_lse: bool, return_stats: bool):
+    B, Hq, Lq, _ = q.shape
+    Dv = v.shape[3]
+    if out_bshd:
+        out = q.new_empty((B, Lq, Hq, Dv)).transpose(1, 2)
+    else:
+        out = q.new_empty((B, Hq, Lq, Dv))
+    lse = q.new_empty((B, Hq, Lq) if return_lse else (0,), dtype=torch.float32)
+    stats = q.new_empty((B, Hq, _C.NUM_STATS) if return_stats else (0,), dtype=torch.int64)
+    return out, lse, stats
+
+
+@torch.library.custom_op("sparge::block_sparse_attn", mutates_args=())
+def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                      key_padding: Optional[torch.Tensor], pv_threshold: Optional[torch.Tensor], scale: float,
+                      causal: int, precision: int, block_q: int, block_k: int, pv_group: int, out_bshd: bool,
+                      return_lse: bool, return_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, stats = _attn_outputs(q, v, out_bshd, return_lse, return_stats)
+    dq, dk, dv = _lib.desc(q), _lib.desc(k), _lib.desc(v)
+    status, nbytes = _C.attn_workspace_size(dq, dk, dv, scale, causal, precision, block_q, block_k, pv_group)
+    _lib.check(status, "sparge.block_sparse_attn")
+    holder, address = _lib.workspace(nbytes, q.device)
+    status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), _lib.desc(key_padding),
+                                  _lib.desc(pv_threshold), scale, causal, precision, block_q, block_k, pv_group,
+                                  _lib.desc(out), _lib.desc(lse) if return_lse else None,
+                                  _lib.desc(stats) if return_stats else None, address, nbytes,
+                                  _lib.stream_handle(q.device))
+    _lib.check(status, "sparge.block_sparse_attn")
+    del holder
+    # A custom op's outputs must be fresh tensors: out is a view only of its own storage.
+    return out, lse, stats
+
+
+@block_sparse_attn.register_fake
+def _block_sparse_attn_fake(q, k, v, block_mask, key_padding, pv_threshold, scale, causal, precision, block_q,
+                            block_k, pv_group, out_bshd, return_lse, return_stats):
+    return _attn_outputs(q, v, out_bshd, return_lse, return_stats)
