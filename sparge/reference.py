@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["predict", "block_sparse_attn", "attn", "allowed_blocks", "last_visible_key", "block_similarity"]
+__all__ = ["compressed_probs", "predict", "block_sparse_attn", "attn", "allowed_blocks", "last_visible_key", "block_similarity"]
 
 SIM_EPS = 1e-6
 LOG2E = math.log2(math.e)
@@ -89,12 +89,10 @@ def _sequential_exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def predict(q, k, *, block_q: int, block_k: int, scale: Optional[float] = None, causal: Optional[str] = None,
-            topk=None, cdf_threshold=None, sim_threshold=-0.1, attention_sink: bool = False) -> torch.Tensor:
-    """Stage 1: the block mask [B, Hq, nq, nk] (bool). ``causal`` is None,
-    "top_left" or "bottom_right"; exactly one of ``topk``/``cdf_threshold``."""
-    if (topk is None) == (cdf_threshold is None):
-        raise ValueError("give exactly one of topk and cdf_threshold")
+def compressed_probs(q, k, *, block_q: int, block_k: int, scale: Optional[float] = None,
+                     causal: Optional[str] = None, sim_threshold=-0.1):
+    """Steps 1-4 of Stage 1: (P̂ [B, Hq, nq, nk], finite entries, q_fix [B, Hq, nq],
+    k_fix [B, Hq, nk], allowed [nq, nk])."""
     q, k = q.float(), k.float()
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -117,6 +115,18 @@ def predict(q, k, *, block_q: int, block_k: int, scale: Optional[float] = None, 
     finite = torch.isfinite(s)
     p = torch.where(finite.any(-1, keepdim=True), torch.softmax(s, dim=-1), torch.zeros_like(s))
     p = torch.where(finite, p, torch.zeros_like(p))
+    return p, finite, q_fix, k_fix, allowed
+
+
+def predict(q, k, *, block_q: int, block_k: int, scale: Optional[float] = None, causal: Optional[str] = None,
+            topk=None, cdf_threshold=None, sim_threshold=-0.1, attention_sink: bool = False) -> torch.Tensor:
+    """Stage 1: the block mask [B, Hq, nq, nk] (bool). ``causal`` is None,
+    "top_left" or "bottom_right"; exactly one of ``topk``/``cdf_threshold``."""
+    if (topk is None) == (cdf_threshold is None):
+        raise ValueError("give exactly one of topk and cdf_threshold")
+    Hq, Lq, Lk, dev = q.shape[1], q.shape[2], k.shape[2], q.device
+    p, finite, q_fix, k_fix, allowed = compressed_probs(q, k, block_q=block_q, block_k=block_k, scale=scale,
+                                                        causal=causal, sim_threshold=sim_threshold)
 
     # 5. select among finite entries, P descending, ties by lower index
     order_key = torch.where(finite, p, torch.full_like(p, -1.0))
@@ -126,7 +136,7 @@ def predict(q, k, *, block_q: int, block_k: int, scale: Optional[float] = None, 
         rho = _per_head(topk, Hq, dev)[None, :, None]
         n_allowed = allowed.sum(-1).float()[None, None, :]  # [1, 1, nq]
         count = torch.ceil(rho * n_allowed).clamp(min=1)
-        keep_sorted = torch.arange(s.shape[-1], device=dev) < count[..., None]
+        keep_sorted = torch.arange(p.shape[-1], device=dev) < count[..., None]
     else:
         tau = _per_head(cdf_threshold, Hq, dev)[None, :, None, None]
         keep_sorted = _sequential_exclusive_cumsum(sorted_key.clamp(min=0)) < tau

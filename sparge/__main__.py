@@ -1,0 +1,46 @@
+"""Command line: ``python -m sparge demo [--plot out.png]`` and ``python -m sparge info``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sparge", description="sparge: training-free block-sparse attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="predict + sparse attention on a built-in video-like example")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when sparge runs there)")
+    demo.add_argument("--plot", default=None, metavar="PNG", help="save one head's block mask and density per head")
+    demo.add_argument("--frames", type=int, default=8, help="T of the T x S x S token grid")
+    demo.add_argument("--size", type=int, default=24, help="S of the T x S x S token grid")
+    demo.add_argument("--heads", type=int, default=8)
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--cdf-threshold", type=float, default=0.95)
+    demo.add_argument("--sim-threshold", type=float, default=0.3)
+    demo.add_argument("--repeats", type=int, default=5)
+    sub.add_parser("info", help="print the build and device support")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(device=args.device, plot=args.plot, T=args.frames, size=args.size, heads=args.heads,
+                 head_dim=args.head_dim, cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold,
+                 repeats=args.repeats)
+        return 0
+
+    import torch
+
+    from . import __version__, _lib
+
+    print(f"sparge {__version__} (C library {_lib._C.version()}, ABI {_lib._C.abi_version()})")
+    print(f"  CUDA backend compiled: {_lib.cuda_compiled()}")
+    print(f"  cpu: {_lib.device_reason('cpu', 0) or 'supported'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i}: {_lib.device_reason('cuda', i) or 'supported'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
