@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     demo.add_argument("--heads", type=int, default=8)
     demo.add_argument("--head-dim", type=int, default=64)
     demo.add_argument("--cdf-threshold", type=float, default=0.95)
-    demo.add_argument("--sim-threshold", type=float, default=0.3)
+    demo.add_argument("--sim-threshold", type=float, default=0.15)
     demo.add_argument("--repeats", type=int, default=5)
     sub.add_parser("info", help="print the build and device support")
     args = parser.parse_args(argv)

@@ -105,14 +105,23 @@ def cuda_compiled() -> bool:
     return bool(_C.cuda_compiled())
 
 
+# The two queries below are constant per process; torch.compile calls them at
+# trace time and keeps the answer (assume_constant_result), so no graph breaks.
 @functools.lru_cache(maxsize=None)
-def device_reason(device_type: str, device_index: int) -> Optional[str]:
-    """None when sparge kernels run on this device, else why not (cached)."""
+def _device_reason_cached(device_type: str, device_index: int) -> str:
     dev_type, dev_id = device_codes(torch.device(device_type, device_index))
     status = _C.device_supported(dev_type, dev_id)
-    if status == SUCCESS:
-        return None
-    return _C.last_error() or _C.status_string(status)
+    return "" if status == SUCCESS else (_C.last_error() or _C.status_string(status))
+
+
+@torch.compiler.assume_constant_result
+def _device_reason_const(device_type: str, device_index: int) -> str:
+    return _device_reason_cached(device_type, device_index)
+
+
+def device_reason(device_type: str, device_index: int) -> Optional[str]:
+    """None when sparge kernels run on this device, else why not."""
+    return _device_reason_const(device_type, device_index) or None
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,13 +130,18 @@ def _block_shape_cached(dev_type: int, dev_id: int, head_dim: int, head_dim_v: i
     return status, (_C.last_error() if status else ""), (bq, bk, group, prec)
 
 
+@torch.compiler.assume_constant_result
+def _block_shape_const(dev_type: int, dev_id: int, head_dim: int, head_dim_v: int, dtype: int, precision: int):
+    return _block_shape_cached(dev_type, dev_id, head_dim, head_dim_v, dtype, precision)
+
+
 def kernel_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                   precision: str) -> Tuple[int, int, int, int]:
     """(block_q, block_k, pv_group, precision code) for this device; raises
     NotSupportedError when there is no kernel, ValueError for nonsense."""
     dev_type, dev_id = device_codes(device)
-    status, message, shape = _block_shape_cached(dev_type, dev_id, int(head_dim), int(head_dim_v),
-                                                 dtype_code(dtype), PRECISION_CODES[precision])
+    status, message, shape = _block_shape_const(dev_type, dev_id, int(head_dim), int(head_dim_v),
+                                                dtype_code(dtype), PRECISION_CODES[precision])
     if status == SUCCESS:
         return shape
     if status == NOT_SUPPORTED:

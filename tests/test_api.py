@@ -118,7 +118,7 @@ def test_abi_status_codes():
     # per-head vector of the wrong length, wrong dtype
     assert _predict_status(q, k, torch.zeros(3), sel, mask) == _lib.INVALID_VALUE
     assert "sim_threshold" in _C.last_error()
-    assert _predict_status(q, k, sim, sel.double(), mask) == _lib.INVALID_VALUE and "select_param" in _C.last_error()
+    assert _predict_status(q, k, sim, sel.int(), mask) == _lib.INVALID_VALUE and "select_param" in _C.last_error()
     # workspace too small
     assert _predict_status(q, k, sim, sel, mask, ws=0) == _lib.WORKSPACE_TOO_SMALL
     # NaN scale
@@ -156,7 +156,7 @@ def test_abi_attention_status_codes():
     assert call(precision=3) == _lib.NOT_SUPPORTED and "int8" in _C.last_error()
     assert call(bq=4096) == _lib.NOT_SUPPORTED
     assert call(out=torch.empty(1, 2, 64, 32, dtype=torch.float16)) == _lib.INVALID_VALUE and "out" in _C.last_error()
-    assert call(lse=torch.empty(1, 2, 64, dtype=torch.float64)) == _lib.INVALID_VALUE
+    assert call(lse=torch.empty(1, 2, 64, dtype=torch.int32)) == _lib.INVALID_VALUE
     assert call(stats=torch.empty(1, 2, 3, dtype=torch.int64)) == _lib.INVALID_VALUE and "out_stats" in _C.last_error()
     assert call(kpad=torch.ones(1, 63, dtype=torch.bool)) == _lib.INVALID_VALUE and "key_padding" in _C.last_error()
     assert call(k=k.half()) == _lib.INVALID_VALUE and "k:" in _C.last_error()

@@ -1,0 +1,739 @@
+/*
+ * attn.c — CPU block-sparse attention forward (SPEC §2, sparge.h
+ * sparge_block_sparse_attn).
+ *
+ * One task = one (batch, q-head, q-block). Tasks are spread over OpenMP
+ * threads (dynamic schedule, heaviest causal q-blocks first); every thread owns
+ * a 64-byte aligned scratch area allocated once inside the parallel region.
+ *
+ * Per task everything is fp32:
+ *   - Q of the q-block is loaded once, multiplied by scale*log2(e) and stored
+ *     transposed, qt[D][nrp] (nrp = rows rounded up to 16, zero padded), so that
+ *     the score tile comes out transposed too: st[key][row]. With this layout
+ *     K and V are read row-wise; fp32 K/V are used in place (any row stride),
+ *     fp16/bf16 K/V are converted into small per-block tiles.
+ *   - For each kept, causally allowed k-block j (ascending):
+ *       st = K_j . qt                (6 keys x 16 rows register tile, FMA)
+ *       exact masking (causal diagonal, key padding; sequence end is implicit:
+ *       only the block's real keys are computed)
+ *       rowmax, m_new, PV-skip decision per row group of pv_group rows
+ *       p = exp2(s - m_new), row sums        (vectorized exp2, -inf -> 0)
+ *       acc = acc * exp2(m - m_new) + P.V    (6 rows x 16 columns register tile)
+ *   - out = acc / l (0 for rows that see no key), lse = (m + log2 l) ln 2.
+ *
+ * The AVX2+FMA path (GCC/Clang with -mavx2 -mfma, e.g. -march=native on x86)
+ * uses intrinsics for the micro-kernels; every other build uses the portable C
+ * path below, which follows the same algorithm step by step.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu_common.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ATTN_AVX2 1
+#else
+#define ATTN_AVX2 0
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define ATTN_INLINE static inline __attribute__((always_inline))
+#define ATTN_RESTRICT __restrict__
+#else
+#define ATTN_INLINE static inline
+#define ATTN_RESTRICT
+#endif
+
+#ifdef _OPENMP
+#define ATTN_OMP(x) _Pragma(#x)
+#else
+#define ATTN_OMP(x)
+#endif
+
+/* Query rows per register tile column stripe, keys / rows per register tile. */
+#define ATTN_NR 16
+#define ATTN_MR 6
+#define ATTN_ALIGN 64
+
+static inline int64_t attn_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static inline int64_t attn_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t attn_max64(int64_t a, int64_t b) { return a > b ? a : b; }
+/* n (a multiple of 16 floats) rounded up to an odd number of 64-byte lines. */
+static inline int64_t attn_odd_lines(int64_t n) { return (n / 16) % 2 ? n : n + 16; }
+
+/* ------------------------------------------------------------------------ */
+/* exp2                                                                     */
+/* ------------------------------------------------------------------------ */
+/* 2^x for x <= 0 in practice: round-to-nearest split x = n + f, |f| <= 1/2,
+ * 2^f by the Cephes exp2f minimax polynomial (~1 ulp), 2^n through the
+ * exponent bits. x < -126 (including -inf) gives 0 (flushing values below the
+ * smallest normal), NaN stays NaN, x is clamped to 127 from above. */
+#define ATTN_EXP2_P0 1.535336188319500e-4f
+#define ATTN_EXP2_P1 1.339887440266574e-3f
+#define ATTN_EXP2_P2 9.618437357674640e-3f
+#define ATTN_EXP2_P3 5.550332471162809e-2f
+#define ATTN_EXP2_P4 2.402264791363012e-1f
+#define ATTN_EXP2_P5 6.931472028550421e-1f
+
+static inline float attn_exp2_scalar(float x) {
+  if (x != x) return x;
+  if (x < -126.0f) return 0.0f;
+  if (x > 127.0f) x = 127.0f;
+  /* round to nearest even without libm (valid for |x| < 2^22; needs no
+   * -ffast-math, which would fold the two operations away) */
+  const float magic = 12582912.0f; /* 1.5 * 2^23 */
+  float n = (x + magic) - magic;
+  float f = x - n;
+  float p = ATTN_EXP2_P0;
+  p = p * f + ATTN_EXP2_P1;
+  p = p * f + ATTN_EXP2_P2;
+  p = p * f + ATTN_EXP2_P3;
+  p = p * f + ATTN_EXP2_P4;
+  p = p * f + ATTN_EXP2_P5;
+  p = p * f + 1.0f;
+  int32_t e = (int32_t)n + 127;
+  uint32_t bits = (uint32_t)e << 23;
+  float sc;
+  memcpy(&sc, &bits, 4);
+  return p * sc;
+}
+
+#if ATTN_AVX2
+ATTN_INLINE __m256 attn_exp2_avx(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-126.0f);
+  const __m256 hi = _mm256_set1_ps(127.0f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ); /* false for NaN */
+  /* max/min return the second operand when one is NaN: keep x second */
+  __m256 xc = _mm256_max_ps(lo, x);
+  xc = _mm256_min_ps(hi, xc);
+  __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_sub_ps(xc, n);
+  __m256 p = _mm256_set1_ps(ATTN_EXP2_P0);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P5));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(under, r);
+}
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Row conversion (fast paths for the helpers of cpu_common.h)              */
+/* ------------------------------------------------------------------------ */
+static void attn_load_row(float *ATTN_RESTRICT dst, const void *src, int32_t dtype, int64_t n,
+                          float mul) {
+  if (dtype == SPARGE_DTYPE_FLOAT32) {
+    const float *s = (const float *)src;
+    if (mul == 1.0f) {
+      memcpy(dst, s, (size_t)n * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = s[i] * mul;
+    }
+    return;
+  }
+  if (dtype == SPARGE_DTYPE_BFLOAT16) {
+    const uint16_t *s = (const uint16_t *)src;
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t bits = (uint32_t)s[i] << 16;
+      float f;
+      memcpy(&f, &bits, 4);
+      dst[i] = f * mul;
+    }
+    return;
+  }
+  /* float16 */
+  int64_t i = 0;
+#if ATTN_AVX2 && defined(__F16C__)
+  {
+    const __m256 vm = _mm256_set1_ps(mul);
+    for (; i + 8 <= n; i += 8) {
+      __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vm));
+    }
+  }
+#endif
+  if (i < n) sparge_load_row(dst + i, (const uint16_t *)src + i, dtype, n - i, mul);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Micro-kernels                                                            */
+/* ------------------------------------------------------------------------ */
+/* st[c][r] = sum_d K[c][d] * qt[d][r] for c < nkv, r < nrp (nrp % 16 == 0). */
+#if ATTN_AVX2
+ATTN_INLINE void attn_qk_tile_avx(const int mr, int64_t D, const float *ATTN_RESTRICT K,
+                                  int64_t ldk, const float *ATTN_RESTRICT qt, int64_t ldq,
+                                  float *ATTN_RESTRICT st, int64_t lds) {
+  __m256 a0[ATTN_MR], a1[ATTN_MR];
+  const float *kr[ATTN_MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < mr; ++i) {
+    a0[i] = _mm256_setzero_ps();
+    a1[i] = _mm256_setzero_ps();
+    kr[i] = K + (int64_t)i * ldk;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const float *qp = qt + d * ldq;
+    __m256 q0 = _mm256_load_ps(qp);
+    __m256 q1 = _mm256_load_ps(qp + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; ++i) {
+      __m256 kb = _mm256_broadcast_ss(kr[i] + d);
+      a0[i] = _mm256_fmadd_ps(kb, q0, a0[i]);
+      a1[i] = _mm256_fmadd_ps(kb, q1, a1[i]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < mr; ++i) {
+    _mm256_store_ps(st + (int64_t)i * lds, a0[i]);
+    _mm256_store_ps(st + (int64_t)i * lds + 8, a1[i]);
+  }
+}
+
+static void attn_qk_avx(int64_t nkv, int64_t nrp, int64_t D, const float *K, int64_t ldk,
+                        const float *qt, int64_t ldq, float *st, int64_t lds) {
+  for (int64_t r = 0; r < nrp; r += ATTN_NR) {
+    int64_t c = 0;
+    for (; c + ATTN_MR <= nkv; c += ATTN_MR)
+      attn_qk_tile_avx(ATTN_MR, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds);
+    switch (nkv - c) {
+      case 5: attn_qk_tile_avx(5, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
+      case 4: attn_qk_tile_avx(4, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
+      case 3: attn_qk_tile_avx(3, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
+      case 2: attn_qk_tile_avx(2, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
+      case 1: attn_qk_tile_avx(1, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
+      default: break;
+    }
+  }
+}
+
+/* acc[r][0..16) = acc[r][..] * alpha[r] + sum_c pt[c][r] * V[c][0..16), r < mr. */
+ATTN_INLINE void attn_pv_tile_avx(const int mr, int64_t nkv, const float *ATTN_RESTRICT pt,
+                                  int64_t lds, const float *ATTN_RESTRICT V, int64_t ldv,
+                                  float *ATTN_RESTRICT acc, int64_t lda,
+                                  const float *ATTN_RESTRICT alpha) {
+  __m256 a0[ATTN_MR], a1[ATTN_MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < mr; ++i) {
+    __m256 al = _mm256_broadcast_ss(alpha + i);
+    a0[i] = _mm256_mul_ps(_mm256_load_ps(acc + (int64_t)i * lda), al);
+    a1[i] = _mm256_mul_ps(_mm256_load_ps(acc + (int64_t)i * lda + 8), al);
+  }
+  for (int64_t c = 0; c < nkv; ++c) {
+    const float *vp = V + c * ldv;
+    const float *pp = pt + c * lds;
+    __m256 v0 = _mm256_loadu_ps(vp);
+    __m256 v1 = _mm256_loadu_ps(vp + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; ++i) {
+      __m256 pb = _mm256_broadcast_ss(pp + i);
+      a0[i] = _mm256_fmadd_ps(pb, v0, a0[i]);
+      a1[i] = _mm256_fmadd_ps(pb, v1, a1[i]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < mr; ++i) {
+    _mm256_store_ps(acc + (int64_t)i * lda, a0[i]);
+    _mm256_store_ps(acc + (int64_t)i * lda + 8, a1[i]);
+  }
+}
+
+/* Rows [ra, rb) of acc, all Dvp (multiple of 16) columns. */
+static void attn_pv_avx(int64_t ra, int64_t rb, int64_t nkv, int64_t Dvp, const float *pt,
+                        int64_t lds, const float *V, int64_t ldv, float *acc, int64_t lda,
+                        const float *alpha) {
+  for (int64_t dv = 0; dv < Dvp; dv += 16) {
+    int64_t r = ra;
+    for (; r + ATTN_MR <= rb; r += ATTN_MR)
+      attn_pv_tile_avx(ATTN_MR, nkv, pt + r, lds, V + dv, ldv, acc + r * lda + dv, lda, alpha + r);
+    const float *p = pt + r;
+    const float *vv = V + dv;
+    float *a = acc + r * lda + dv;
+    const float *al = alpha + r;
+    switch (rb - r) {
+      case 5: attn_pv_tile_avx(5, nkv, p, lds, vv, ldv, a, lda, al); break;
+      case 4: attn_pv_tile_avx(4, nkv, p, lds, vv, ldv, a, lda, al); break;
+      case 3: attn_pv_tile_avx(3, nkv, p, lds, vv, ldv, a, lda, al); break;
+      case 2: attn_pv_tile_avx(2, nkv, p, lds, vv, ldv, a, lda, al); break;
+      case 1: attn_pv_tile_avx(1, nkv, p, lds, vv, ldv, a, lda, al); break;
+      default: break;
+    }
+  }
+}
+#else /* !ATTN_AVX2 */
+
+/* Portable versions (same results up to fp32 rounding order). */
+static void attn_qk_portable(int64_t nkv, int64_t nrp, int64_t D, const float *ATTN_RESTRICT K,
+                             int64_t ldk, const float *ATTN_RESTRICT qt, int64_t ldq,
+                             float *ATTN_RESTRICT st, int64_t lds) {
+  for (int64_t c = 0; c < nkv; ++c) {
+    float *ATTN_RESTRICT srow = st + c * lds;
+    const float *kr = K + c * ldk;
+    for (int64_t r = 0; r < nrp; ++r) srow[r] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float kv = kr[d];
+      const float *ATTN_RESTRICT qp = qt + d * ldq;
+      for (int64_t r = 0; r < nrp; ++r) srow[r] += kv * qp[r];
+    }
+  }
+}
+
+static void attn_pv_portable(int64_t ra, int64_t rb, int64_t nkv, int64_t Dvp,
+                             const float *ATTN_RESTRICT pt, int64_t lds,
+                             const float *ATTN_RESTRICT V, int64_t ldv,
+                             float *ATTN_RESTRICT acc, int64_t lda,
+                             const float *ATTN_RESTRICT alpha, int64_t Dv) {
+  (void)Dvp;
+  for (int64_t r = ra; r < rb; ++r) {
+    float *ATTN_RESTRICT a = acc + r * lda;
+    const float al = alpha[r];
+    for (int64_t x = 0; x < Dv; ++x) a[x] *= al;
+    for (int64_t c = 0; c < nkv; ++c) {
+      const float p = pt[c * lds + r];
+      const float *ATTN_RESTRICT vr = V + c * ldv;
+      for (int64_t x = 0; x < Dv; ++x) a[x] += p * vr[x];
+    }
+  }
+}
+#endif /* ATTN_AVX2 */
+
+/* ------------------------------------------------------------------------ */
+/* Context and scratch                                                      */
+/* ------------------------------------------------------------------------ */
+typedef struct attn_ctx {
+  const sparge_dims_t *d;
+  const sparge_tensor_t *q, *k, *v, *mask, *kpad, *pv, *out, *lse;
+  int32_t dtype;
+  int32_t causal;
+  int64_t BQ, BK, G, rep;
+  int64_t BQp, Dvp, Dmax;
+  float qmul;
+  int k_direct, v_direct;
+} attn_ctx_t;
+
+typedef struct attn_scratch {
+  void *base;
+  float *qt;    /* [D][ldq] */
+  float *st;    /* [BK][ldq] scores, then probabilities (transposed) */
+  float *kc;    /* [BK][D] converted K (non-fp32) */
+  float *vc;    /* [BK][lda] converted V (when not used in place) */
+  float *acc;   /* [BQp][lda] */
+  float *m, *mnew, *rmax, *alpha, *muse, *rsum, *l; /* [BQp] */
+  float *tmp;   /* [Dmax] */
+  uint8_t *skip; /* [BQp] */
+} attn_scratch_t;
+
+static size_t attn_bytes(int64_t nfloats) {
+  return (size_t)attn_round_up(nfloats * (int64_t)sizeof(float), ATTN_ALIGN);
+}
+
+static int attn_scratch_alloc(const attn_ctx_t *c, attn_scratch_t *w) {
+  const sparge_dims_t *d = c->d;
+  const int64_t BQp = c->BQp, BK = c->BK, Dvp = c->Dvp;
+  const int64_t ldq = attn_odd_lines(BQp), lda = attn_odd_lines(Dvp);
+  size_t sz_qt = attn_bytes(d->D * ldq);
+  size_t sz_st = attn_bytes(BK * ldq);
+  size_t sz_kc = c->k_direct ? 0 : attn_bytes(BK * d->D);
+  size_t sz_vc = c->v_direct ? 0 : attn_bytes(BK * lda);
+  size_t sz_acc = attn_bytes(BQp * lda);
+  size_t sz_row = attn_bytes(BQp);
+  size_t sz_tmp = attn_bytes(c->Dmax);
+  size_t sz_skip = (size_t)attn_round_up(BQp, ATTN_ALIGN);
+  size_t total = sz_qt + sz_st + sz_kc + sz_vc + sz_acc + 7 * sz_row + sz_tmp + sz_skip + ATTN_ALIGN;
+  memset(w, 0, sizeof(*w));
+  w->base = malloc(total);
+  if (!w->base) return 0;
+  char *p = (char *)(((uintptr_t)w->base + (ATTN_ALIGN - 1)) & ~(uintptr_t)(ATTN_ALIGN - 1));
+  w->qt = (float *)p; p += sz_qt;
+  w->st = (float *)p; p += sz_st;
+  w->kc = sz_kc ? (float *)p : NULL; p += sz_kc;
+  w->vc = sz_vc ? (float *)p : NULL; p += sz_vc;
+  w->acc = (float *)p; p += sz_acc;
+  w->m = (float *)p; p += sz_row;
+  w->mnew = (float *)p; p += sz_row;
+  w->rmax = (float *)p; p += sz_row;
+  w->alpha = (float *)p; p += sz_row;
+  w->muse = (float *)p; p += sz_row;
+  w->rsum = (float *)p; p += sz_row;
+  w->l = (float *)p; p += sz_row;
+  w->tmp = (float *)p; p += sz_tmp;
+  w->skip = (uint8_t *)p;
+  /* Vc padding columns [Dv, Dvp) stay zero for the whole call. */
+  if (w->vc) memset(w->vc, 0, sz_vc);
+  return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* One (b, h, q-block) task                                                 */
+/* ------------------------------------------------------------------------ */
+static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t h, int64_t qi,
+                      int64_t stats[SPARGE_NUM_STATS]) {
+  const sparge_dims_t *d = c->d;
+  const int64_t Lq = d->Lq, Lk = d->Lk, D = d->D, Dv = d->Dv, nk = d->nk;
+  const int64_t BQ = c->BQ, BK = c->BK, G = c->G, Dvp = c->Dvp;
+  const int64_t r0 = qi * BQ;
+  const int64_t nr = attn_min64(BQ, Lq - r0);
+  const int64_t nrp = attn_round_up(nr, ATTN_NR);
+  /* Row strides of the scratch tiles are an odd number of cache lines so that
+   * walking a column does not keep hitting the same L1 sets. */
+  const int64_t ldq = attn_odd_lines(nrp), lds = ldq, lda = attn_odd_lines(Dvp);
+  const int64_t g = h / c->rep;
+  const float NEG_INF = -INFINITY;
+
+  float *ATTN_RESTRICT qt = w->qt;
+  float *ATTN_RESTRICT st = w->st;
+  float *ATTN_RESTRICT acc = w->acc;
+  float *ATTN_RESTRICT m = w->m;
+  float *ATTN_RESTRICT mnew = w->mnew;
+  float *ATTN_RESTRICT rmax = w->rmax;
+  float *ATTN_RESTRICT alpha = w->alpha;
+  float *ATTN_RESTRICT muse = w->muse;
+  float *ATTN_RESTRICT rsum = w->rsum;
+  float *ATTN_RESTRICT l = w->l;
+  float *ATTN_RESTRICT tmp = w->tmp;
+  uint8_t *ATTN_RESTRICT skip = w->skip;
+
+  /* ---- Q^T, pre-scaled into the log2 domain ---- */
+  for (int64_t r = 0; r < nr; ++r) {
+    attn_load_row(tmp, sparge_elem_ptr(c->q, b, h, r0 + r, 0), c->dtype, D, c->qmul);
+    for (int64_t x = 0; x < D; ++x) qt[x * ldq + r] = tmp[x];
+  }
+  if (nrp > nr)
+    for (int64_t x = 0; x < D; ++x)
+      for (int64_t r = nr; r < nrp; ++r) qt[x * ldq + r] = 0.0f;
+
+  for (int64_t r = 0; r < nrp; ++r) {
+    m[r] = NEG_INF;
+    l[r] = 0.0f;
+    skip[r] = 0;
+  }
+  memset(acc, 0, (size_t)(nr * lda) * sizeof(float));
+
+  /* ---- causal geometry: row r sees keys c <= min(r0 + r + off, Lk - 1) ---- */
+  const int causal = c->causal != SPARGE_CAUSAL_NONE;
+  const int64_t off = c->causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
+  int64_t n_allowed = nk;
+  int64_t cmax_first = Lk - 1;
+  if (causal) {
+    const int64_t cmax_last = attn_min64(r0 + nr - 1 + off, Lk - 1);
+    cmax_first = attn_min64(r0 + off, Lk - 1);
+    n_allowed = cmax_last < 0 ? 0 : attn_min64(nk, cmax_last / BK + 1);
+  }
+
+  const int pv_on = c->pv != NULL;
+  const float lam = pv_on ? sparge_head_param(c->pv, h) : 0.0f;
+  const int64_t ngroups = (nr + G - 1) / G;
+  int64_t kept = 0, units = 0, skipped = 0;
+  int first = 1;
+
+  const char *kbase = sparge_elem_ptr(c->k, b, g, 0, 0);
+  const char *vbase = sparge_elem_ptr(c->v, b, g, 0, 0);
+  const int64_t esz = (int64_t)sparge_dtype_size(c->dtype);
+  const int64_t ks = c->k->strides[2], vs = c->v->strides[2];
+
+  for (int64_t j = 0; j < n_allowed; ++j) {
+    if (!sparge_mask_at(c->mask, b, h, qi, j)) continue;
+    ++kept;
+    units += ngroups;
+    const int64_t c0 = j * BK;
+    const int64_t nkv = attn_min64(BK, Lk - c0);
+
+    /* ---- K and V of the block as fp32 rows ---- */
+    const float *Kp;
+    int64_t ldk;
+    if (c->k_direct) {
+      Kp = (const float *)(kbase + c0 * ks * esz);
+      ldk = ks;
+    } else {
+      for (int64_t x = 0; x < nkv; ++x)
+        attn_load_row(w->kc + x * D, kbase + (c0 + x) * ks * esz, c->dtype, D, 1.0f);
+      Kp = w->kc;
+      ldk = D;
+    }
+    const float *Vp;
+    int64_t ldv;
+    if (c->v_direct) {
+      Vp = (const float *)(vbase + c0 * vs * esz);
+      ldv = vs;
+    } else {
+      for (int64_t x = 0; x < nkv; ++x)
+        attn_load_row(w->vc + x * lda, vbase + (c0 + x) * vs * esz, c->dtype, Dv, 1.0f);
+      Vp = w->vc;
+      ldv = lda;
+    }
+
+    /* ---- S^T = K . Q^T ---- */
+#if ATTN_AVX2
+    attn_qk_avx(nkv, nrp, D, Kp, ldk, qt, ldq, st, lds);
+#else
+    attn_qk_portable(nkv, nrp, D, Kp, ldk, qt, ldq, st, lds);
+#endif
+
+    /* ---- exact masking ---- */
+    if (causal && cmax_first < c0 + nkv - 1) {
+      /* key c0+x is seen by rows r >= c0 + x - r0 - off */
+      for (int64_t x = 0; x < nkv; ++x) {
+        int64_t rf = attn_max64(0, attn_min64(nr, c0 + x - r0 - off));
+        float *srow = st + x * lds;
+        for (int64_t r = 0; r < rf; ++r) srow[r] = NEG_INF;
+      }
+    }
+    if (c->kpad) {
+      for (int64_t x = 0; x < nkv; ++x) {
+        if (!sparge_mask_at(c->kpad, b, c0 + x, 0, 0)) {
+          float *srow = st + x * lds;
+          for (int64_t r = 0; r < nrp; ++r) srow[r] = NEG_INF;
+        }
+      }
+    }
+
+    /* ---- row max over the block, new running max ---- */
+#if ATTN_AVX2
+    for (int64_t r = 0; r < nrp; r += 8) {
+      __m256 mx0 = _mm256_set1_ps(NEG_INF), mx1 = mx0;
+      int64_t x = 0;
+      for (; x + 2 <= nkv; x += 2) {
+        mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
+        mx1 = _mm256_max_ps(mx1, _mm256_load_ps(st + (x + 1) * lds + r));
+      }
+      if (x < nkv) mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
+      mx0 = _mm256_max_ps(mx0, mx1);
+      _mm256_store_ps(rmax + r, mx0);
+    }
+#else
+    for (int64_t r = 0; r < nrp; ++r) rmax[r] = NEG_INF;
+    for (int64_t x = 0; x < nkv; ++x) {
+      const float *srow = st + x * lds;
+      for (int64_t r = 0; r < nrp; ++r) rmax[r] = srow[r] > rmax[r] ? srow[r] : rmax[r];
+    }
+#endif
+    for (int64_t r = 0; r < nrp; ++r) {
+      const float mn = rmax[r] > m[r] ? rmax[r] : m[r];
+      mnew[r] = mn;
+      const int none = mn == NEG_INF;
+      muse[r] = none ? 0.0f : mn;
+      alpha[r] = none ? 1.0f : m[r] - mn; /* exponent; exp2 below */
+    }
+#if ATTN_AVX2
+    for (int64_t r = 0; r < nrp; r += 8) {
+      __m256 e = _mm256_load_ps(alpha + r);
+      __m256 none = _mm256_cmp_ps(_mm256_load_ps(mnew + r), _mm256_set1_ps(NEG_INF), _CMP_EQ_OQ);
+      _mm256_store_ps(alpha + r, _mm256_blendv_ps(attn_exp2_avx(e), _mm256_set1_ps(1.0f), none));
+    }
+#else
+    for (int64_t r = 0; r < nrp; ++r)
+      alpha[r] = mnew[r] == NEG_INF ? 1.0f : attn_exp2_scalar(alpha[r]);
+#endif
+
+    /* ---- PV-skip decisions per row group ---- */
+    int any_skip = 0;
+    if (pv_on && !first) {
+      for (int64_t g0 = 0; g0 < nr; g0 += G) {
+        const int64_t g1 = attn_min64(nr, g0 + G);
+        int agree = 1;
+        for (int64_t r = g0; r < g1; ++r)
+          if (!(rmax[r] <= mnew[r] - lam)) { agree = 0; break; }
+        for (int64_t r = g0; r < g1; ++r) skip[r] = (uint8_t)agree;
+        if (agree) { ++skipped; any_skip = 1; }
+      }
+    }
+
+    /* ---- P = exp2(S - m_new), row sums ---- */
+#if ATTN_AVX2
+    for (int64_t r = 0; r < nr; r += 8) {
+      if (any_skip) {
+        int all = 1;
+        for (int64_t t = r; t < attn_min64(nr, r + 8); ++t) all &= skip[t];
+        if (all) continue;
+      }
+      const __m256 mu = _mm256_load_ps(muse + r);
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      int64_t x = 0;
+      for (; x + 2 <= nkv; x += 2) {
+        float *p0 = st + x * lds + r, *p1 = p0 + lds;
+        __m256 e0 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p0), mu));
+        __m256 e1 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p1), mu));
+        _mm256_store_ps(p0, e0);
+        _mm256_store_ps(p1, e1);
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+      }
+      if (x < nkv) {
+        float *p0 = st + x * lds + r;
+        __m256 e0 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p0), mu));
+        _mm256_store_ps(p0, e0);
+        s0 = _mm256_add_ps(s0, e0);
+      }
+      _mm256_store_ps(rsum + r, _mm256_add_ps(s0, s1));
+    }
+#else
+    for (int64_t r = 0; r < nr; ++r) rsum[r] = 0.0f;
+    for (int64_t x = 0; x < nkv; ++x) {
+      float *srow = st + x * lds;
+      for (int64_t r = 0; r < nr; ++r) {
+        if (skip[r]) continue;
+        const float p = attn_exp2_scalar(srow[r] - muse[r]);
+        srow[r] = p;
+        rsum[r] += p;
+      }
+    }
+#endif
+
+    /* ---- running sums, skipped rows' rescale ---- */
+    for (int64_t r = 0; r < nr; ++r) {
+      if (skip[r]) {
+        const float al = alpha[r];
+        l[r] *= al;
+        if (al != 1.0f) {
+          float *a = acc + r * lda;
+          for (int64_t x = 0; x < Dv; ++x) a[x] *= al;
+        }
+      } else {
+        l[r] = l[r] * alpha[r] + rsum[r];
+      }
+      m[r] = mnew[r];
+    }
+
+    /* ---- acc = acc * alpha + P . V over runs of rows that are not skipped ---- */
+    for (int64_t ra = 0; ra < nr;) {
+      if (skip[ra]) { ++ra; continue; }
+      int64_t rb = ra + 1;
+      while (rb < nr && !skip[rb]) ++rb;
+#if ATTN_AVX2
+      attn_pv_avx(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha);
+#else
+      attn_pv_portable(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha, Dv);
+#endif
+      ra = rb;
+    }
+    if (any_skip) memset(skip, 0, (size_t)nr);
+    first = 0;
+  }
+
+  /* ---- output rows and lse ---- */
+  for (int64_t r = 0; r < nr; ++r) {
+    const float lr = l[r];
+    const float *a = acc + r * lda;
+    if (lr > 0.0f) {
+      for (int64_t x = 0; x < Dv; ++x) tmp[x] = a[x] / lr;
+    } else {
+      for (int64_t x = 0; x < Dv; ++x) tmp[x] = 0.0f;
+    }
+    sparge_store_row(sparge_elem_ptr(c->out, b, h, r0 + r, 0), tmp, c->dtype, Dv);
+    if (c->lse) {
+      float v = lr > 0.0f ? (m[r] + log2f(lr)) * SPARGE_LN2 : NEG_INF;
+      *(float *)sparge_elem_ptr(c->lse, b, h, r0 + r, 0) = v;
+    }
+  }
+
+  stats[SPARGE_STAT_BLOCKS_ALLOWED] = n_allowed;
+  stats[SPARGE_STAT_BLOCKS_KEPT] = kept;
+  stats[SPARGE_STAT_PV_UNITS] = units;
+  stats[SPARGE_STAT_PV_SKIPPED] = skipped;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Entry point                                                              */
+/* ------------------------------------------------------------------------ */
+sparge_status_t sparge_cpu_attn(const sparge_dims_t *d, const sparge_tensor_t *q,
+                                const sparge_tensor_t *k, const sparge_tensor_t *v,
+                                const sparge_tensor_t *block_mask,
+                                const sparge_tensor_t *key_padding,
+                                const sparge_tensor_t *pv_threshold,
+                                const sparge_attn_params_t *p, const sparge_tensor_t *out,
+                                const sparge_tensor_t *out_lse, const sparge_tensor_t *out_stats) {
+  attn_ctx_t c;
+  memset(&c, 0, sizeof(c));
+  c.d = d;
+  c.q = q;
+  c.k = k;
+  c.v = v;
+  c.mask = block_mask;
+  c.kpad = key_padding;
+  c.pv = pv_threshold;
+  c.out = out;
+  c.lse = out_lse;
+  c.dtype = q->dtype;
+  c.causal = p->causal;
+  c.BQ = p->block_q;
+  c.BK = p->block_k;
+  c.G = p->pv_group;
+  c.rep = d->Hq / d->Hkv;
+  c.BQp = attn_round_up(c.BQ, ATTN_NR);
+  c.Dvp = attn_round_up(d->Dv, 16);
+  c.Dmax = d->D > d->Dv ? d->D : d->Dv;
+  c.qmul = p->scale * SPARGE_LOG2E;
+  c.k_direct = q->dtype == SPARGE_DTYPE_FLOAT32;
+  /* V is always copied into a tile with a padded row stride: measured faster
+   * than reading it in place (L1 set conflicts for power-of-two strides). */
+  c.v_direct = 0;
+
+  const int64_t nbh = d->B * d->Hq;
+  const int64_t ntasks = nbh * d->nq;
+  int64_t *task_stats = NULL;
+  if (out_stats) {
+    task_stats = (int64_t *)calloc((size_t)ntasks, SPARGE_NUM_STATS * sizeof(int64_t));
+    if (!task_stats)
+      return sparge_set_error(SPARGE_ERROR_OUT_OF_MEMORY, "attention: cannot allocate %lld stats entries",
+                              (long long)ntasks * SPARGE_NUM_STATS);
+  }
+
+  int failed = 0;
+  ATTN_OMP(omp parallel)
+  {
+    attn_scratch_t w;
+    const int ok = attn_scratch_alloc(&c, &w);
+    if (!ok) {
+      ATTN_OMP(omp atomic write)
+      failed = 1;
+    }
+    /* Heaviest causal q-blocks (largest qi) first. */
+    ATTN_OMP(omp for schedule(dynamic, 1))
+    for (int64_t t = 0; t < ntasks; ++t) {
+      if (!ok) continue;
+      const int64_t qi = d->nq - 1 - t / nbh;
+      const int64_t bh = t % nbh;
+      const int64_t b = bh / d->Hq, h = bh % d->Hq;
+      int64_t st[SPARGE_NUM_STATS];
+      attn_task(&c, &w, b, h, qi, st);
+      if (task_stats) {
+        int64_t *dst = task_stats + ((b * d->Hq + h) * d->nq + qi) * SPARGE_NUM_STATS;
+        for (int s = 0; s < SPARGE_NUM_STATS; ++s) dst[s] = st[s];
+      }
+    }
+    free(w.base);
+  }
+
+  if (failed) {
+    free(task_stats);
+    return sparge_set_error(SPARGE_ERROR_OUT_OF_MEMORY,
+                            "attention: cannot allocate per-thread scratch (block_q %d, block_k %d, "
+                            "head dims %lld/%lld)",
+                            (int)p->block_q, (int)p->block_k, (long long)d->D, (long long)d->Dv);
+  }
+
+  if (out_stats) {
+    for (int64_t b = 0; b < d->B; ++b)
+      for (int64_t h = 0; h < d->Hq; ++h) {
+        int64_t sum[SPARGE_NUM_STATS] = {0, 0, 0, 0};
+        const int64_t *src = task_stats + (b * d->Hq + h) * d->nq * SPARGE_NUM_STATS;
+        for (int64_t i = 0; i < d->nq; ++i)
+          for (int s = 0; s < SPARGE_NUM_STATS; ++s) sum[s] += src[i * SPARGE_NUM_STATS + s];
+        for (int s = 0; s < SPARGE_NUM_STATS; ++s)
+          *(int64_t *)sparge_elem_ptr(out_stats, b, h, s, 0) = sum[s];
+      }
+    free(task_stats);
+  }
+  return SPARGE_SUCCESS;
+}
