@@ -339,7 +339,9 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
     if reason is None:
         _, _, group, prec = _lib.kernel_config(q.device, D, Dv, q.dtype, precision)
         out, lse, stats = _ops.block_sparse_attn(q, k, v, mask, kpad, pv_t, s, _lib.CAUSAL_CODES[causal], prec, bq,
-                                                 bk, group, layout == "bshd", return_lse, return_stats)
+                                                 bk, min(group, bq), layout == "bshd", return_lse, return_stats)
+        if layout == "bshd":
+            out = out.transpose(1, 2)  # [B, Lq, Hq, Dv], contiguous
     else:
         _fallback(f"block_sparse_attn runs the torch reference ({reason})")
         out, lse, stats = reference.block_sparse_attn(q, k, v, mask, block_q=bq, block_k=bk, scale=s,
@@ -413,6 +415,8 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     mask = _predict_mask(q, k, sim_t, sel_t, s, causal, mode, attention_sink, bq, bk)
     out, lse, stats = _ops.block_sparse_attn(q, k, v, mask, kpad, pv_t, s, _lib.CAUSAL_CODES[causal], prec, bq, bk,
                                              group, layout == "bshd", return_lse, return_stats)
+    if layout == "bshd":
+        out = out.transpose(1, 2)  # [B, Lq, Hq, Dv], contiguous
     return _pack(out, lse, stats, return_lse, return_stats)
 
 

@@ -159,8 +159,8 @@ def test_pv_skip_matches_reference(lam, causal):
     skipped, ref_skipped = st["pv_skipped"].sum().item(), ref_st[..., 3].sum().item()
     # decisions exactly at the threshold may flip with summation order
     assert abs(skipped - ref_skipped) <= max(2, 0.02 * ref_skipped), (skipped, ref_skipped)
-    if lam == float("inf"):
-        assert skipped == 0
+    if lam == float("inf") and causal is None:
+        assert skipped == 0  # with causal, groups that see no key of a block skip it at no cost
     if lam == 0.0:
         assert skipped > 0
     if skipped == ref_skipped:
