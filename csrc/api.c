@@ -9,13 +9,14 @@
 
 #include "internal.h"
 #include "sparge.h"
+#include "tile_config.h"
 
 #define SPARGE_STR2(x) #x
 #define SPARGE_STR(x) SPARGE_STR2(x)
 
 /* Sizes the CPU backend accepts; past them the call is NOT_SUPPORTED. */
-#define CPU_MAX_BLOCK 512
-#define CPU_MAX_HEAD_DIM 1024
+#define CPU_MAX_BLOCK SPARGE_CPU_MAX_BLOCK
+#define CPU_MAX_HEAD_DIM SPARGE_CPU_MAX_HEAD_DIM
 /* Every index fits comfortably in int64 and every count in int32 loops. */
 #define MAX_DIM_SIZE ((int64_t)1 << 31)
 
@@ -128,11 +129,9 @@ sparge_status_t sparge_block_shape(int32_t device_type, int32_t device_id, int64
     if (head_dim > CPU_MAX_HEAD_DIM || head_dim_v > CPU_MAX_HEAD_DIM)
       return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "head_dim: %lld/%lld exceeds the CPU limit %d",
                               (long long)head_dim, (long long)head_dim_v, CPU_MAX_HEAD_DIM);
-    /* 128 query rows amortize each K/V tile conversion; 64 keys keep the
-     * transposed K tile and the score tile in L1/L2 for D <= 256. */
-    *out_block_q = 128;
-    *out_block_k = 64;
-    *out_pv_group = 16; /* the row count of one GPU warp's MMA tile */
+    *out_block_q = SPARGE_CPU_BLOCK_Q; /* reasons in tile_config.h */
+    *out_block_k = SPARGE_CPU_BLOCK_K;
+    *out_pv_group = SPARGE_CPU_PV_GROUP;
     if (out_precision)
       *out_precision = precision == SPARGE_PRECISION_AUTO
                            ? (dtype == SPARGE_DTYPE_BFLOAT16 ? SPARGE_PRECISION_BF16 : SPARGE_PRECISION_FP16)
