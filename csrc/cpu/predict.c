@@ -6,7 +6,8 @@
  * the work-sharing loops):
  *   A. per (b, kv-head g, k-block j): raw column sums of the block of K
  *                                     -> kpool[b,g,j,:] (temporary)
- *   B. per (b, g): km = (sum over j of the block sums) / Lk  -> km[b,g,:]
+ *   B. per (b, g, channel): km = (sum over j of the block sums) / Lk
+ *                                     -> km[b,g,:]
  *   C. per (b, g, j): rows of K' = K - km: pooled mean k̄_j -> kpool[b,g,j,:],
  *                     self-similarity -> ksim[b,g,j]
  *   D. per (b, q-head h, q-block i): pooled q̄_i and its similarity (Q is not
@@ -21,7 +22,6 @@
  * each region 64-byte aligned. Per-thread row scratch (O(D + nk)) is
  * malloc'ed once per thread per call.
  */
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -285,7 +285,8 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
       const int64_t c0 = j * BK, c1 = c0 + BK < Lk ? c0 + BK : Lk;
       const float *km = km_all + bg * D;
       for (int64_t c = 0; c < D; ++c) s[c] = u[c] = 0.f;
-      for (int64_t r = c0; r < c1; ++r) accumulate_row(row_f32(k, b, g, r, D, xrow), km, xs, s, u, D);
+      for (int64_t r = c0; r < c1; ++r)
+        accumulate_row(row_f32(k, b, g, r, D, xrow), km, xs, s, u, D);
       const int64_t n = c1 - c0;
       float *pool = kpool + idx * D;
       for (int64_t c = 0; c < D; ++c) pool[c] = s[c] / (float)n;
@@ -337,7 +338,8 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
       if (n_allowed > 0) {
         /* Pooled q̄_i and the q-block's similarity. */
         for (int64_t c = 0; c < D; ++c) s[c] = u[c] = 0.f;
-        for (int64_t r = r0; r <= r1; ++r) accumulate_row(row_f32(q, b, h, r, D, xrow), NULL, xs, s, u, D);
+        for (int64_t r = r0; r <= r1; ++r)
+          accumulate_row(row_f32(q, b, h, r, D, xrow), NULL, xs, s, u, D);
         const int64_t n = r1 - r0 + 1;
         const int q_fix = !(block_sim(u, D, n) > theta);
 
@@ -389,7 +391,6 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
               if (!(fk >= 1.0f)) keep = 1;
               else if (fk >= (float)m) keep = m;
               else keep = (int64_t)fk;
-              if (keep > m) keep = m;
               for (int64_t t = 0; t < keep; ++t) mrow[(uint32_t)sorted[t]] = 1;
             } else {
               float cum = 0.f;
