@@ -40,9 +40,35 @@ sparge_status_t sparge_cpu_attn(const sparge_dims_t *d, const sparge_tensor_t *q
                                 const sparge_attn_params_t *p, const sparge_tensor_t *out,
                                 const sparge_tensor_t *out_lse, const sparge_tensor_t *out_stats);
 
-/* ---- CUDA backend (csrc/cuda), present when SPARGE_WITH_CUDA is defined ---- */
+/* ---- CUDA backend (csrc/cuda), present when SPARGE_WITH_CUDA is defined ----
+ * Same contracts as the CPU functions; q, k, v, masks, outputs and per-head
+ * parameters are device pointers on device_id = q->device_type's device.
+ * Everything is enqueued on `stream` (a cudaStream_t); no host
+ * synchronization, no device allocation, no printing. */
 #ifdef SPARGE_WITH_CUDA
 sparge_status_t sparge_cuda_device_supported(int32_t device_id);
+/* Block shape / PV row group / resolved precision for this device and head
+ * dims; NOT_SUPPORTED when no kernel instantiation exists. dtype is the dtype
+ * the kernel computes in (FLOAT16 or BFLOAT16). */
+sparge_status_t sparge_cuda_block_shape(int32_t device_id, int64_t head_dim, int64_t head_dim_v,
+                                        int32_t dtype, int32_t precision, int32_t *out_block_q,
+                                        int32_t *out_block_k, int32_t *out_pv_group,
+                                        int32_t *out_precision);
+size_t sparge_cuda_predict_workspace(const sparge_dims_t *d, int32_t block_q, int32_t block_k);
+sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const sparge_tensor_t *q,
+                                    const sparge_tensor_t *k, const sparge_tensor_t *sim_threshold,
+                                    const sparge_tensor_t *select_param,
+                                    const sparge_predict_params_t *p,
+                                    const sparge_tensor_t *out_mask, void *workspace, void *stream);
+size_t sparge_cuda_attn_workspace(const sparge_dims_t *d, const sparge_attn_params_t *p);
+sparge_status_t sparge_cuda_attn(const sparge_dims_t *d, const sparge_tensor_t *q,
+                                 const sparge_tensor_t *k, const sparge_tensor_t *v,
+                                 const sparge_tensor_t *block_mask,
+                                 const sparge_tensor_t *key_padding,
+                                 const sparge_tensor_t *pv_threshold,
+                                 const sparge_attn_params_t *p, const sparge_tensor_t *out,
+                                 const sparge_tensor_t *out_lse, const sparge_tensor_t *out_stats,
+                                 void *workspace, void *stream);
 #endif
 
 #ifdef __cplusplus

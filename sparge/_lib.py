@@ -2,6 +2,7 @@
 Python exceptions. Everything that talks to the C ABI goes through here."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Tuple
 
@@ -149,10 +150,17 @@ def kernel_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: t
     raise ValueError(f"block_shape: {message}")
 
 
+def device_guard(device: torch.device):
+    """Makes device current for the C calls (CUDA), a no-op for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def workspace(nbytes: int, device: torch.device) -> Tuple[Optional[torch.Tensor], int]:
-    """A 64-byte aligned workspace from torch's allocator: (holder, address)."""
+    """A 256-byte aligned workspace from torch's allocator: (holder, address)."""
     if nbytes == 0:
         return None, 0
-    holder = torch.empty(nbytes + 64, dtype=torch.uint8, device=device)
-    address = (holder.data_ptr() + 63) & ~63
+    holder = torch.empty(nbytes + 256, dtype=torch.uint8, device=device)
+    address = (holder.data_ptr() + 255) & ~255
     return holder, address

@@ -25,15 +25,16 @@ def predict(q: torch.Tensor, k: torch.Tensor, sim_threshold: torch.Tensor, selec
     mask = torch.empty((B, Hq, _num_blocks(Lq, block_q), _num_blocks(k.shape[2], block_k)), dtype=torch.bool,
                        device=q.device)
     dq, dk = _lib.desc(q), _lib.desc(k)
-    status, nbytes = _C.predict_workspace_size(dq, dk, scale, causal, select_mode, int(attention_sink), block_q,
-                                               block_k)
+    with _lib.device_guard(q.device):
+        status, nbytes = _C.predict_workspace_size(dq, dk, scale, causal, select_mode, int(attention_sink), block_q,
+                                                   block_k)
+        _lib.check(status, "sparge.predict")
+        holder, address = _lib.workspace(nbytes, q.device)
+        status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), scale, causal, select_mode,
+                            int(attention_sink), block_q, block_k, _lib.desc(mask), address, nbytes,
+                            _lib.stream_handle(q.device))
+        del holder  # torch's caching allocator keeps it valid for the stream's pending work
     _lib.check(status, "sparge.predict")
-    holder, address = _lib.workspace(nbytes, q.device)
-    status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), scale, causal, select_mode,
-                        int(attention_sink), block_q, block_k, _lib.desc(mask), address, nbytes,
-                        _lib.stream_handle(q.device))
-    _lib.check(status, "sparge.predict")
-    del holder  # torch's allocator keeps it valid for the stream's pending work
     return mask
 
 
@@ -61,19 +62,40 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
                       causal: int, precision: int, block_q: int, block_k: int, pv_group: int, out_bshd: bool,
                       return_lse: bool, return_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, lse, stats = _attn_outputs(q, v, out_bshd, return_lse, return_stats)
-    dq, dk, dv = _lib.desc(q), _lib.desc(k), _lib.desc(v)
-    status, nbytes = _C.attn_workspace_size(dq, dk, dv, scale, causal, precision, block_q, block_k, pv_group)
-    _lib.check(status, "sparge.block_sparse_attn")
-    holder, address = _lib.workspace(nbytes, q.device)
-    status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), _lib.desc(key_padding),
-                                  _lib.desc(pv_threshold), scale, causal, precision, block_q, block_k, pv_group,
-                                  _lib.desc(out), _lib.desc(lse) if return_lse else None,
-                                  _lib.desc(stats) if return_stats else None, address, nbytes,
-                                  _lib.stream_handle(q.device))
-    _lib.check(status, "sparge.block_sparse_attn")
-    del holder
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        # the GPU kernels compute in 16 bits: cast in, run, cast the result back
+        compute = torch.float16 if precision == _lib.PRECISION_CODES["fp16"] else torch.bfloat16
+        q, k, v = (t.to(compute) for t in (q, k, v))
+        out16 = torch.empty_like(out, dtype=compute)
+        _run_attn(q, k, v, block_mask, key_padding, pv_threshold, scale, causal, precision, block_q, block_k,
+                  pv_group, out16, lse if return_lse else None, stats if return_stats else None)
+        out.copy_(out16)
+    else:
+        _run_attn(q, k, v, block_mask, key_padding, pv_threshold, scale, causal, precision, block_q, block_k,
+                  pv_group, out, lse if return_lse else None, stats if return_stats else None)
     # A custom op's outputs must be fresh tensors: out is a view only of its own storage.
     return out, lse, stats
+
+
+def _run_attn(q, k, v, block_mask, key_padding, pv_threshold, scale, causal, precision, block_q, block_k, pv_group,
+              out, lse, stats) -> None:
+    def call(q, k, v):
+        dq, dk, dv = _lib.desc(q), _lib.desc(k), _lib.desc(v)
+        status, nbytes = _C.attn_workspace_size(dq, dk, dv, scale, causal, precision, block_q, block_k, pv_group)
+        _lib.check(status, "sparge.block_sparse_attn")
+        holder, address = _lib.workspace(nbytes, q.device)
+        status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), _lib.desc(key_padding),
+                                      _lib.desc(pv_threshold), scale, causal, precision, block_q, block_k, pv_group,
+                                      _lib.desc(out), _lib.desc(lse), _lib.desc(stats), address, nbytes,
+                                      _lib.stream_handle(q.device))
+        del holder  # torch's caching allocator keeps it valid for the stream's pending work
+        return status
+
+    with _lib.device_guard(q.device):
+        status = call(q, k, v)
+        if status == _lib.MISALIGNED:  # the kernel's 16-byte loads need aligned rows: copy once
+            status = call(q.contiguous(), k.contiguous(), v.contiguous())
+    _lib.check(status, "sparge.block_sparse_attn")
 
 
 @block_sparse_attn.register_fake
