@@ -1,0 +1,146 @@
+"""GPU benchmark: sparge against torch SDPA (cuDNN, flash) and FlexAttention, same run.
+
+    python benchmarks/bench_attn.py                      # full grid, CSV under benchmarks/results/<gpu>/
+    python benchmarks/bench_attn.py --quick              # a few rows
+
+Rows: GPU, shape, dtype, causal, target and achieved density, prediction ms,
+sparse kernel ms (given mask), full API ms (prediction + kernel), SDPA cuDNN
+and flash ms, FlexAttention ms with the same block mask, speedups, and
+dense-equivalent TOPS (4*B*H*L^2*D / time, halved for causal) labelled as such.
+Timing: CUDA events, warm-up, median (triton.testing.do_bench when available),
+inputs far larger than L2 at these sizes.
+"""
+import argparse
+import csv
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+import sparge
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn on the current stream."""
+    try:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except ImportError:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(20):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        times.sort()
+        return times[len(times) // 2]
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
+
+
+def time_sdpa(q, k, v, causal, backend) -> float:
+    try:
+        with sdpa_backend(backend):
+            return bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    except RuntimeError:
+        return math.nan
+
+
+_flex = None
+
+
+def time_flex(q, k, v, mask, bq, bk, causal) -> float:
+    """FlexAttention over the same block mask (and causal mask_mod)."""
+    global _flex
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if _flex is None:
+            _flex = torch.compile(flex_attention)
+        B, H, L = q.shape[0], q.shape[1], q.shape[2]
+
+        def mask_mod(b, h, qi, kv):
+            keep = mask[b, h, qi // bq, kv // bk]
+            return keep & (kv <= qi) if causal else keep
+
+        bm = create_block_mask(mask_mod, B, H, L, L, device=q.device, BLOCK_SIZE=(bq, bk))
+        return bench(lambda: _flex(q, k, v, block_mask=bm))
+    except Exception as e:  # noqa: BLE001 - a missing baseline is recorded, not fatal
+        print(f"  flex attention unavailable: {type(e).__name__}: {str(e)[:120]}")
+        return math.nan
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+    dtype = torch.bfloat16
+    if args.quick:
+        shapes = [(1, 16, 16384, 128)]
+        densities, causals = [1.0, 0.25], [False]
+    else:
+        shapes = [(1, 32, 4096, 128), (1, 32, 16384, 64), (1, 16, 16384, 128), (1, 16, 32768, 128),
+                  (1, 32, 32768, 64)]
+        densities, causals = [1.0, 0.5, 0.25, 0.1], [False, True]
+    rows = []
+    print(f"{gpu}, torch {torch.__version__}, {dtype}; TOPS are dense-equivalent (4*B*H*L^2*D/t, /2 if causal)")
+    print(f"{'shape':>22} {'causal':>6} {'dens':>5} {'got':>5} {'pred':>6} {'kernel':>7} {'api':>7} {'cudnn':>7} "
+          f"{'flash':>7} {'flex':>7} {'xcudnn':>6} {'TOPS':>6}")
+    for B, H, L, D in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+        bq, bk = sparge.block_shape(dev, D, dtype=dtype)
+        nq, nk = -(-L // bq), -(-L // bk)
+        for causal in causals:
+            flops = 4.0 * B * H * L * L * D / (2 if causal else 1)
+            t_cudnn = time_sdpa(q, k, v, causal, "cudnn")
+            t_flash = time_sdpa(q, k, v, causal, "flash")
+            for density in densities:
+                mask = torch.rand(B, H, nq, nk, device=dev, generator=g) < density
+                if density >= 1.0:
+                    mask[:] = True
+                t_kernel = bench(lambda: sparge.block_sparse_attn(q, k, v, mask, is_causal=causal))
+                t_pred = bench(lambda: sparge.predict(q, k, topk=density, is_causal=causal))
+                _, st = sparge.attn(q, k, v, topk=density, is_causal=causal, return_stats=True)
+                t_api = bench(lambda: sparge.attn(q, k, v, topk=density, is_causal=causal))
+                t_flex = math.nan if args.no_flex else time_flex(q, k, v, mask, bq, bk, causal)
+                got = st["density"].float().mean().item()
+                row = dict(gpu=gpu, B=B, H=H, L=L, D=D, dtype=str(dtype).split(".")[-1], causal=causal,
+                           density_target=density, density_achieved=round(got, 4), predict_ms=round(t_pred, 4),
+                           kernel_ms=round(t_kernel, 4), api_ms=round(t_api, 4), sdpa_cudnn_ms=round(t_cudnn, 4),
+                           sdpa_flash_ms=round(t_flash, 4), flex_ms=round(t_flex, 4),
+                           speedup_api_vs_cudnn=round(t_cudnn / t_api, 3),
+                           dense_equiv_tops_api=round(flops / t_api / 1e9, 1),
+                           dense_equiv_tops_kernel=round(flops / t_kernel / 1e9, 1),
+                           flash_tops=round(flops / t_flash / 1e9, 1))
+                rows.append(row)
+                print(f"{str((B, H, L, D)):>22} {str(causal):>6} {density:>5.2f} {got:>5.2f} {t_pred:>6.3f} "
+                      f"{t_kernel:>7.3f} {t_api:>7.3f} {t_cudnn:>7.3f} {t_flash:>7.3f} {t_flex:>7.3f} "
+                      f"{t_cudnn / t_api:>6.2f} {flops / t_api / 1e9:>6.0f}", flush=True)
+    path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu), "bench_attn.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"rows written to {path}")
+
+
+if __name__ == "__main__":
+    main()
