@@ -8,10 +8,13 @@
  *
  * Per task everything is fp32:
  *   - Q of the q-block is loaded once, multiplied by scale*log2(e) and stored
- *     transposed, qt[D][nrp] (nrp = rows rounded up to 16, zero padded), so that
- *     the score tile comes out transposed too: st[key][row]. With this layout
- *     K and V are read row-wise; fp32 K/V are used in place (any row stride),
- *     fp16/bf16 K/V are converted into small per-block tiles.
+ *     transposed and packed in panels of 16 rows, qt[nrp/16][D][16] (nrp = rows
+ *     rounded up to 16, zero padded), so that the score tile comes out
+ *     transposed too: st[key][row]. With this layout K and V are read
+ *     row-wise: fp32 K is used in place (any row stride), fp16/bf16 K is
+ *     converted into a per-block tile; V is always copied / converted into a
+ *     per-block tile with a padded row stride. The V block and the next K
+ *     block are prefetched a few lines per register tile.
  *   - For each kept, causally allowed k-block j (ascending):
  *       st = K_j . qt                (6 keys x 16 rows register tile, FMA)
  *       exact masking (causal diagonal, key padding; sequence end is implicit:
@@ -73,18 +76,20 @@ static inline int64_t attn_odd_lines(int64_t n) { return (n / 16) % 2 ? n : n + 
 /* ------------------------------------------------------------------------ */
 /* 2^x for x <= 0 in practice: round-to-nearest split x = n + f, |f| <= 1/2,
  * 2^f by the Cephes exp2f minimax polynomial (~1 ulp), 2^n through the
- * exponent bits. x < -126 (including -inf) gives 0 (flushing values below the
- * smallest normal), NaN stays NaN, x is clamped to 127 from above. */
+ * exponent bits. Results in the subnormal range are produced as subnormals
+ * (2^(n+64) first, then one rounding by 2^-64), x < -151 (including -inf)
+ * gives 0, NaN stays NaN, x is clamped to 127 from above. */
 #define ATTN_EXP2_P0 1.535336188319500e-4f
 #define ATTN_EXP2_P1 1.339887440266574e-3f
 #define ATTN_EXP2_P2 9.618437357674640e-3f
 #define ATTN_EXP2_P3 5.550332471162809e-2f
 #define ATTN_EXP2_P4 2.402264791363012e-1f
 #define ATTN_EXP2_P5 6.931472028550421e-1f
+#define ATTN_TWO_M64 5.42101086242752217e-20f /* 2^-64 */
 
 static inline float attn_exp2_scalar(float x) {
   if (x != x) return x;
-  if (x < -126.0f) return 0.0f;
+  if (x < -151.0f) return 0.0f;
   if (x > 127.0f) x = 127.0f;
   /* round to nearest even without libm (valid for |x| < 2^22; needs no
    * -ffast-math, which would fold the two operations away) */
@@ -98,16 +103,18 @@ static inline float attn_exp2_scalar(float x) {
   p = p * f + ATTN_EXP2_P4;
   p = p * f + ATTN_EXP2_P5;
   p = p * f + 1.0f;
-  int32_t e = (int32_t)n + 127;
+  const int small = n < -126.0f;
+  int32_t e = (int32_t)n + 127 + (small ? 64 : 0);
   uint32_t bits = (uint32_t)e << 23;
   float sc;
   memcpy(&sc, &bits, 4);
-  return p * sc;
+  float r = p * sc;
+  return small ? r * ATTN_TWO_M64 : r;
 }
 
 #if ATTN_AVX2
 ATTN_INLINE __m256 attn_exp2_avx(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-126.0f);
+  const __m256 lo = _mm256_set1_ps(-151.0f);
   const __m256 hi = _mm256_set1_ps(127.0f);
   __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ); /* false for NaN */
   /* max/min return the second operand when one is NaN: keep x second */
@@ -122,10 +129,18 @@ ATTN_INLINE __m256 attn_exp2_avx(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P4));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ATTN_EXP2_P5));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 small = _mm256_cmp_ps(n, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
+  if (__builtin_expect(_mm256_movemask_ps(small) != 0, 0)) {
+    n = _mm256_add_ps(n, _mm256_and_ps(small, _mm256_set1_ps(64.0f)));
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+    __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    r = _mm256_blendv_ps(r, _mm256_mul_ps(r, _mm256_set1_ps(ATTN_TWO_M64)), small);
+    return _mm256_andnot_ps(under, r);
+  }
   __m256i ni = _mm256_cvtps_epi32(n);
   __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
-  __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  return _mm256_andnot_ps(under, r);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 #endif
 
@@ -167,13 +182,79 @@ static void attn_load_row(float *ATTN_RESTRICT dst, const void *src, int32_t dty
   if (i < n) sparge_load_row(dst + i, (const uint16_t *)src + i, dtype, n - i, mul);
 }
 
+/* Writes n floats as dtype (round to nearest even), like sparge_store_row;
+ * float16 goes through F16C where the build has it (same rounding, overflow
+ * to inf and subnormal results). */
+static void attn_store_row(void *dst, const float *src, int32_t dtype, int64_t n) {
+#if ATTN_AVX2 && defined(__F16C__)
+  if (dtype == SPARGE_DTYPE_FLOAT16) {
+    int64_t i = 0;
+    uint16_t *d16 = (uint16_t *)dst;
+    for (; i + 8 <= n; i += 8) {
+      __m256 x = _mm256_loadu_ps(src + i);
+      /* NaN keeps the helper's encoding; the others convert in hardware */
+      if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) break;
+      _mm_storeu_si128((__m128i *)(d16 + i),
+                       _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    if (i < n) sparge_store_row(d16 + i, src + i, dtype, n - i);
+    return;
+  }
+#endif
+  sparge_store_row(dst, src, dtype, n);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Software prefetch                                                        */
+/* ------------------------------------------------------------------------ */
+/* A cursor over the cache lines of a block of rows (the V block while Q.K
+ * runs, the next K block while P.V runs). The micro-kernel loops issue a few
+ * prefetches per register tile so that the misses overlap the FMAs instead of
+ * piling up in one burst. A no-op where the builtin is missing. */
+typedef struct attn_pf {
+  const char *p;
+  int64_t rows, row_bytes, stride;
+  int64_t x, o;
+} attn_pf_t;
+
+static inline void attn_pf_init(attn_pf_t *pf, const char *p, int64_t rows, int64_t row_bytes,
+                                int64_t stride) {
+  pf->p = p;
+  pf->rows = rows;
+  pf->row_bytes = row_bytes;
+  pf->stride = stride;
+  pf->x = 0;
+  pf->o = 0;
+}
+
+static inline void attn_pf_step(attn_pf_t *pf, int n) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (; n > 0 && pf->x < pf->rows; --n) {
+    __builtin_prefetch(pf->p + pf->x * pf->stride + pf->o, 0, 2);
+    pf->o += 64;
+    if (pf->o >= pf->row_bytes) {
+      pf->o = 0;
+      ++pf->x;
+    }
+  }
+#else
+  (void)n;
+  pf->x = pf->rows;
+#endif
+}
+
+static inline void attn_pf_finish(attn_pf_t *pf) { attn_pf_step(pf, 1 << 30); }
+
+#define ATTN_PF_PER_TILE 6
+
 /* ------------------------------------------------------------------------ */
 /* Micro-kernels                                                            */
 /* ------------------------------------------------------------------------ */
-/* st[c][r] = sum_d K[c][d] * qt[d][r] for c < nkv, r < nrp (nrp % 16 == 0). */
+/* st[c][r] = sum_d K[c][d] * qt[r/16][d][r%16] for c < nkv, r < nrp (nrp % 16 == 0).
+ * The tile works on one 16-row panel: qt[d][0..16) at qt + d * 16. */
 #if ATTN_AVX2
 ATTN_INLINE void attn_qk_tile_avx(const int mr, int64_t D, const float *ATTN_RESTRICT K,
-                                  int64_t ldk, const float *ATTN_RESTRICT qt, int64_t ldq,
+                                  int64_t ldk, const float *ATTN_RESTRICT qt,
                                   float *ATTN_RESTRICT st, int64_t lds) {
   __m256 a0[ATTN_MR], a1[ATTN_MR];
   const float *kr[ATTN_MR];
@@ -184,7 +265,7 @@ ATTN_INLINE void attn_qk_tile_avx(const int mr, int64_t D, const float *ATTN_RES
     kr[i] = K + (int64_t)i * ldk;
   }
   for (int64_t d = 0; d < D; ++d) {
-    const float *qp = qt + d * ldq;
+    const float *qp = qt + d * ATTN_NR;
     __m256 q0 = _mm256_load_ps(qp);
     __m256 q1 = _mm256_load_ps(qp + 8);
 #pragma GCC unroll 6
@@ -202,17 +283,22 @@ ATTN_INLINE void attn_qk_tile_avx(const int mr, int64_t D, const float *ATTN_RES
 }
 
 static void attn_qk_avx(int64_t nkv, int64_t nrp, int64_t D, const float *K, int64_t ldk,
-                        const float *qt, int64_t ldq, float *st, int64_t lds) {
+                        const float *qt, float *st, int64_t lds, attn_pf_t *pf) {
   for (int64_t r = 0; r < nrp; r += ATTN_NR) {
+    const float *qp = qt + r * D; /* panel r / 16 */
     int64_t c = 0;
-    for (; c + ATTN_MR <= nkv; c += ATTN_MR)
-      attn_qk_tile_avx(ATTN_MR, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds);
+    for (; c + ATTN_MR <= nkv; c += ATTN_MR) {
+      attn_qk_tile_avx(ATTN_MR, D, K + c * ldk, ldk, qp, st + c * lds + r, lds);
+      attn_pf_step(pf, ATTN_PF_PER_TILE);
+    }
+    const float *kk = K + c * ldk;
+    float *ss = st + c * lds + r;
     switch (nkv - c) {
-      case 5: attn_qk_tile_avx(5, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
-      case 4: attn_qk_tile_avx(4, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
-      case 3: attn_qk_tile_avx(3, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
-      case 2: attn_qk_tile_avx(2, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
-      case 1: attn_qk_tile_avx(1, D, K + c * ldk, ldk, qt + r, ldq, st + c * lds + r, lds); break;
+      case 5: attn_qk_tile_avx(5, D, kk, ldk, qp, ss, lds); break;
+      case 4: attn_qk_tile_avx(4, D, kk, ldk, qp, ss, lds); break;
+      case 3: attn_qk_tile_avx(3, D, kk, ldk, qp, ss, lds); break;
+      case 2: attn_qk_tile_avx(2, D, kk, ldk, qp, ss, lds); break;
+      case 1: attn_qk_tile_avx(1, D, kk, ldk, qp, ss, lds); break;
       default: break;
     }
   }
@@ -252,11 +338,13 @@ ATTN_INLINE void attn_pv_tile_avx(const int mr, int64_t nkv, const float *ATTN_R
 /* Rows [ra, rb) of acc, all Dvp (multiple of 16) columns. */
 static void attn_pv_avx(int64_t ra, int64_t rb, int64_t nkv, int64_t Dvp, const float *pt,
                         int64_t lds, const float *V, int64_t ldv, float *acc, int64_t lda,
-                        const float *alpha) {
+                        const float *alpha, attn_pf_t *pf) {
   for (int64_t dv = 0; dv < Dvp; dv += 16) {
     int64_t r = ra;
-    for (; r + ATTN_MR <= rb; r += ATTN_MR)
+    for (; r + ATTN_MR <= rb; r += ATTN_MR) {
       attn_pv_tile_avx(ATTN_MR, nkv, pt + r, lds, V + dv, ldv, acc + r * lda + dv, lda, alpha + r);
+      attn_pf_step(pf, ATTN_PF_PER_TILE);
+    }
     const float *p = pt + r;
     const float *vv = V + dv;
     float *a = acc + r * lda + dv;
@@ -275,16 +363,20 @@ static void attn_pv_avx(int64_t ra, int64_t rb, int64_t nkv, int64_t Dvp, const 
 
 /* Portable versions (same results up to fp32 rounding order). */
 static void attn_qk_portable(int64_t nkv, int64_t nrp, int64_t D, const float *ATTN_RESTRICT K,
-                             int64_t ldk, const float *ATTN_RESTRICT qt, int64_t ldq,
+                             int64_t ldk, const float *ATTN_RESTRICT qt,
                              float *ATTN_RESTRICT st, int64_t lds) {
   for (int64_t c = 0; c < nkv; ++c) {
-    float *ATTN_RESTRICT srow = st + c * lds;
     const float *kr = K + c * ldk;
-    for (int64_t r = 0; r < nrp; ++r) srow[r] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float kv = kr[d];
-      const float *ATTN_RESTRICT qp = qt + d * ldq;
-      for (int64_t r = 0; r < nrp; ++r) srow[r] += kv * qp[r];
+    for (int64_t r0 = 0; r0 < nrp; r0 += ATTN_NR) {
+      float *ATTN_RESTRICT srow = st + c * lds + r0;
+      const float *ATTN_RESTRICT qp = qt + r0 * D;
+      float a[ATTN_NR];
+      for (int i = 0; i < ATTN_NR; ++i) a[i] = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float kv = kr[d];
+        for (int i = 0; i < ATTN_NR; ++i) a[i] += kv * qp[d * ATTN_NR + i];
+      }
+      for (int i = 0; i < ATTN_NR; ++i) srow[i] = a[i];
     }
   }
 }
@@ -319,15 +411,15 @@ typedef struct attn_ctx {
   int64_t BQ, BK, G, rep;
   int64_t BQp, Dvp, Dmax;
   float qmul;
-  int k_direct, v_direct;
+  int k_direct;
 } attn_ctx_t;
 
 typedef struct attn_scratch {
   void *base;
-  float *qt;    /* [D][ldq] */
-  float *st;    /* [BK][ldq] scores, then probabilities (transposed) */
+  float *qt;    /* [BQp/16][D][16] */
+  float *st;    /* [BK][lds] scores, then probabilities (transposed) */
   float *kc;    /* [BK][D] converted K (non-fp32) */
-  float *vc;    /* [BK][lda] converted V (when not used in place) */
+  float *vc;    /* [BK][lda] V of the block as fp32 */
   float *acc;   /* [BQp][lda] */
   float *m, *mnew, *rmax, *alpha, *muse, *rsum, *l; /* [BQp] */
   float *tmp;   /* [Dmax] */
@@ -341,11 +433,11 @@ static size_t attn_bytes(int64_t nfloats) {
 static int attn_scratch_alloc(const attn_ctx_t *c, attn_scratch_t *w) {
   const sparge_dims_t *d = c->d;
   const int64_t BQp = c->BQp, BK = c->BK, Dvp = c->Dvp;
-  const int64_t ldq = attn_odd_lines(BQp), lda = attn_odd_lines(Dvp);
-  size_t sz_qt = attn_bytes(d->D * ldq);
-  size_t sz_st = attn_bytes(BK * ldq);
+  const int64_t lds = attn_odd_lines(BQp), lda = attn_odd_lines(Dvp);
+  size_t sz_qt = attn_bytes(d->D * BQp);
+  size_t sz_st = attn_bytes(BK * lds);
   size_t sz_kc = c->k_direct ? 0 : attn_bytes(BK * d->D);
-  size_t sz_vc = c->v_direct ? 0 : attn_bytes(BK * lda);
+  size_t sz_vc = attn_bytes(BK * lda);
   size_t sz_acc = attn_bytes(BQp * lda);
   size_t sz_row = attn_bytes(BQp);
   size_t sz_tmp = attn_bytes(c->Dmax);
@@ -358,7 +450,7 @@ static int attn_scratch_alloc(const attn_ctx_t *c, attn_scratch_t *w) {
   w->qt = (float *)p; p += sz_qt;
   w->st = (float *)p; p += sz_st;
   w->kc = sz_kc ? (float *)p : NULL; p += sz_kc;
-  w->vc = sz_vc ? (float *)p : NULL; p += sz_vc;
+  w->vc = (float *)p; p += sz_vc;
   w->acc = (float *)p; p += sz_acc;
   w->m = (float *)p; p += sz_row;
   w->mnew = (float *)p; p += sz_row;
@@ -369,8 +461,8 @@ static int attn_scratch_alloc(const attn_ctx_t *c, attn_scratch_t *w) {
   w->l = (float *)p; p += sz_row;
   w->tmp = (float *)p; p += sz_tmp;
   w->skip = (uint8_t *)p;
-  /* Vc padding columns [Dv, Dvp) stay zero for the whole call. */
-  if (w->vc) memset(w->vc, 0, sz_vc);
+  /* vc's padding columns [Dv, lda) stay zero for the whole call. */
+  memset(w->vc, 0, sz_vc);
   return 1;
 }
 
@@ -387,7 +479,7 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
   const int64_t nrp = attn_round_up(nr, ATTN_NR);
   /* Row strides of the scratch tiles are an odd number of cache lines so that
    * walking a column does not keep hitting the same L1 sets. */
-  const int64_t ldq = attn_odd_lines(nrp), lds = ldq, lda = attn_odd_lines(Dvp);
+  const int64_t lds = attn_odd_lines(nrp), lda = attn_odd_lines(Dvp);
   const int64_t g = h / c->rep;
   const float NEG_INF = -INFINITY;
 
@@ -407,11 +499,13 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
   /* ---- Q^T, pre-scaled into the log2 domain ---- */
   for (int64_t r = 0; r < nr; ++r) {
     attn_load_row(tmp, sparge_elem_ptr(c->q, b, h, r0 + r, 0), c->dtype, D, c->qmul);
-    for (int64_t x = 0; x < D; ++x) qt[x * ldq + r] = tmp[x];
+    float *qp = qt + (r / ATTN_NR) * ATTN_NR * D + r % ATTN_NR;
+    for (int64_t x = 0; x < D; ++x) qp[x * ATTN_NR] = tmp[x];
   }
-  if (nrp > nr)
-    for (int64_t x = 0; x < D; ++x)
-      for (int64_t r = nr; r < nrp; ++r) qt[x * ldq + r] = 0.0f;
+  for (int64_t r = nr; r < nrp; ++r) {
+    float *qp = qt + (r / ATTN_NR) * ATTN_NR * D + r % ATTN_NR;
+    for (int64_t x = 0; x < D; ++x) qp[x * ATTN_NR] = 0.0f;
+  }
 
   for (int64_t r = 0; r < nrp; ++r) {
     m[r] = NEG_INF;
@@ -461,23 +555,16 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
       Kp = w->kc;
       ldk = D;
     }
-    const float *Vp;
-    int64_t ldv;
-    if (c->v_direct) {
-      Vp = (const float *)(vbase + c0 * vs * esz);
-      ldv = vs;
-    } else {
-      for (int64_t x = 0; x < nkv; ++x)
-        attn_load_row(w->vc + x * lda, vbase + (c0 + x) * vs * esz, c->dtype, Dv, 1.0f);
-      Vp = w->vc;
-      ldv = lda;
-    }
+    attn_pf_t pf;
+    attn_pf_init(&pf, vbase + c0 * vs * esz, nkv, Dv * esz, vs * esz);
 
     /* ---- S^T = K . Q^T ---- */
 #if ATTN_AVX2
-    attn_qk_avx(nkv, nrp, D, Kp, ldk, qt, ldq, st, lds);
+    attn_qk_avx(nkv, nrp, D, Kp, ldk, qt, st, lds, &pf);
+    attn_pf_finish(&pf);
 #else
-    attn_qk_portable(nkv, nrp, D, Kp, ldk, qt, ldq, st, lds);
+    attn_pf_finish(&pf);
+    attn_qk_portable(nkv, nrp, D, Kp, ldk, qt, st, lds);
 #endif
 
     /* ---- exact masking ---- */
@@ -538,6 +625,7 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
 
     /* ---- PV-skip decisions per row group ---- */
     int any_skip = 0;
+    int64_t nskip = 0;
     if (pv_on && !first) {
       for (int64_t g0 = 0; g0 < nr; g0 += G) {
         const int64_t g1 = attn_min64(nr, g0 + G);
@@ -545,9 +633,12 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
         for (int64_t r = g0; r < g1; ++r)
           if (!(rmax[r] <= mnew[r] - lam)) { agree = 0; break; }
         for (int64_t r = g0; r < g1; ++r) skip[r] = (uint8_t)agree;
-        if (agree) { ++skipped; any_skip = 1; }
+        if (agree) { ++nskip; any_skip = 1; }
       }
     }
+
+    skipped += nskip;
+    const int all_skip = nskip == ngroups;
 
     /* ---- P = exp2(S - m_new), row sums ---- */
 #if ATTN_AVX2
@@ -605,18 +696,36 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
       m[r] = mnew[r];
     }
 
+    /* Next kept block's K: prefetched a few lines per P.V register tile. */
+    {
+      int64_t jn = j + 1;
+      while (jn < n_allowed && !sparge_mask_at(c->mask, b, h, qi, jn)) ++jn;
+      if (jn < n_allowed)
+        attn_pf_init(&pf, kbase + jn * BK * ks * esz, attn_min64(BK, Lk - jn * BK), D * esz, ks * esz);
+      else
+        attn_pf_init(&pf, NULL, 0, 0, 0);
+    }
+    /* V is always copied: measured faster than reading it in place (a
+     * power-of-two row stride maps a 16-column stripe onto few L1 sets). */
+    if (!all_skip)
+      for (int64_t x = 0; x < nkv; ++x)
+        attn_load_row(w->vc + x * lda, vbase + (c0 + x) * vs * esz, c->dtype, Dv, 1.0f);
+    const float *Vp = w->vc;
+    const int64_t ldv = lda;
     /* ---- acc = acc * alpha + P . V over runs of rows that are not skipped ---- */
     for (int64_t ra = 0; ra < nr;) {
       if (skip[ra]) { ++ra; continue; }
       int64_t rb = ra + 1;
       while (rb < nr && !skip[rb]) ++rb;
 #if ATTN_AVX2
-      attn_pv_avx(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha);
+      attn_pv_avx(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha, &pf);
 #else
+      attn_pf_finish(&pf);
       attn_pv_portable(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha, Dv);
 #endif
       ra = rb;
     }
+    attn_pf_finish(&pf);
     if (any_skip) memset(skip, 0, (size_t)nr);
     first = 0;
   }
@@ -630,7 +739,7 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
     } else {
       for (int64_t x = 0; x < Dv; ++x) tmp[x] = 0.0f;
     }
-    sparge_store_row(sparge_elem_ptr(c->out, b, h, r0 + r, 0), tmp, c->dtype, Dv);
+    attn_store_row(sparge_elem_ptr(c->out, b, h, r0 + r, 0), tmp, c->dtype, Dv);
     if (c->lse) {
       float v = lr > 0.0f ? (m[r] + log2f(lr)) * SPARGE_LN2 : NEG_INF;
       *(float *)sparge_elem_ptr(c->lse, b, h, r0 + r, 0) = v;
@@ -675,9 +784,6 @@ sparge_status_t sparge_cpu_attn(const sparge_dims_t *d, const sparge_tensor_t *q
   c.Dmax = d->D > d->Dv ? d->D : d->Dv;
   c.qmul = p->scale * SPARGE_LOG2E;
   c.k_direct = q->dtype == SPARGE_DTYPE_FLOAT32;
-  /* V is always copied into a tile with a padded row stride: measured faster
-   * than reading it in place (L1 set conflicts for power-of-two strides). */
-  c.v_direct = 0;
 
   const int64_t nbh = d->B * d->Hq;
   const int64_t ntasks = nbh * d->nq;
@@ -690,7 +796,13 @@ sparge_status_t sparge_cpu_attn(const sparge_dims_t *d, const sparge_tensor_t *q
   }
 
   int failed = 0;
-  ATTN_OMP(omp parallel)
+#ifdef _OPENMP
+  /* No more threads (and per-thread scratch) than tasks. */
+  int nthreads = omp_get_max_threads();
+  if ((int64_t)nthreads > ntasks) nthreads = (int)ntasks;
+  if (nthreads < 1) nthreads = 1;
+#endif
+  ATTN_OMP(omp parallel num_threads(nthreads))
   {
     attn_scratch_t w;
     const int ok = attn_scratch_alloc(&c, &w);
