@@ -8,9 +8,11 @@ Knobs (environment variables):
                            "none" builds portable code (for wheels built on
                            one machine and installed on another)
   CUDA_HOME                CUDA toolkit root (default: from nvcc's location)
+  SPARGE_BUILD_JOBS        parallel nvcc jobs (default: CPU count)
 
 The build needs setuptools and pybind11 only: no torch headers are included.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -89,17 +91,21 @@ class BuildExt(build_ext):
             gencode = []
             for a in archs:
                 gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-            objs = []
             os.makedirs(self.build_temp, exist_ok=True)
-            for src in CU_SOURCES:
-                obj = os.path.join(self.build_temp, src.replace("/", "_") + ".o")
+            objs = [os.path.join(self.build_temp, src.replace("/", "_") + ".o") for src in CU_SOURCES]
+
+            def compile_cu(src, obj):
                 cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
                        "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc/include", "-Icsrc",
                        "-DSPARGE_WITH_CUDA"] + gencode
-                self.announce(" ".join(cmd), level=2)
                 print(" ".join(cmd), file=sys.stderr)
                 subprocess.check_call(cmd, cwd=ROOT)
-                objs.append(obj)
+
+            # instantiation units are independent: compile them side by side
+            jobs = int(os.environ.get("SPARGE_BUILD_JOBS", os.cpu_count() or 1))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                for f in [pool.submit(compile_cu, s, o) for s, o in zip(CU_SOURCES, objs)]:
+                    f.result()
             ext.extra_objects = list(ext.extra_objects or []) + objs
             ext.define_macros = list(ext.define_macros or []) + [("SPARGE_WITH_CUDA", "1")]
             ext.library_dirs = list(ext.library_dirs or []) + [libdir]
