@@ -21,7 +21,7 @@ def _kernels():
     return torch.cuda.is_available() and sparge.cuda_available()
 
 
-needs_kernels = pytest.mark.skipif(not _kernels(), reason="this build has no CUDA kernels for this GPU")
+needs_kernels = pytest.mark.skipif(not _kernels(), reason="no GPU, or no CUDA kernels for this GPU in this build")
 
 
 def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype, layout="bhsd", Dv=None):
