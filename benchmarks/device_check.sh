@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build (CUDA included), run every test (the `cuda`
-# ones too), the demo and the CPU benchmark; logs go to $OUT (or ./device_out).
-#   bash benchmarks/device_check.sh
+# One call on a GPU machine: build (CUDA included), then the steps named on the
+# command line (default: cuda-tests tests demo bench-quick); logs go to $OUT.
+#   bash benchmarks/device_check.sh [cuda-tests] [tests] [demo] [bench-quick] [bench] [sanitize]
 set -uo pipefail
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(cuda-tests tests demo bench-quick)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/env.txt"
-python3 -m pip install -q --no-build-isolation -e . 2>&1 | tail -5 | tee "$OUT/build.txt" || exit 1
-python3 -m sparge info 2>&1 | tee -a "$OUT/build.txt"
-python3 -m pytest -q -ra tests/ 2>&1 | tee "$OUT/pytest.txt"
-python3 -m sparge demo --plot "$OUT/demo.png" 2>&1 | tee "$OUT/demo.txt"
-python3 benchmarks/bench_cpu.py --csv "$OUT/bench_cpu.csv" 2>&1 | tee "$OUT/bench_cpu.txt"
+start=$(date +%s)
+python3 -m pip install -q --no-build-isolation -e . > "$OUT/build.txt" 2>&1 || { tail -50 "$OUT/build.txt"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+python3 -m sparge info 2>&1 | tee -a "$OUT/env.txt"
+for s in "${steps[@]}"; do
+  case "$s" in
+    cuda-tests) python3 -m pytest -q -ra -x --maxfail=5 tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -40 ;;
+    tests) python3 -m pytest -q -ra tests/ 2>&1 | tee "$OUT/pytest.txt" | tail -15 ;;
+    demo) python3 -m sparge demo --plot "$OUT/demo.png" 2>&1 | tee "$OUT/demo.txt" ;;
+    bench-quick) python3 benchmarks/bench_attn.py --quick --csv "$OUT/bench_quick.csv" 2>&1 | tee "$OUT/bench_quick.txt" ;;
+    bench) python3 benchmarks/bench_attn.py --csv "$OUT/bench_attn.csv" 2>&1 | tee "$OUT/bench_attn.txt" ;;
+    sanitize)
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_cuda.py -k "lengths and 97" 2>&1 | tail -15 | tee "$OUT/memcheck.txt"
+      compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x tests/test_cuda.py -k "lengths and 97-97" 2>&1 | tail -15 | tee "$OUT/racecheck.txt" ;;
+  esac
+done
