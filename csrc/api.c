@@ -138,7 +138,16 @@ sparge_status_t sparge_block_shape(int32_t device_type, int32_t device_id, int64
                            : precision;
     return SPARGE_SUCCESS;
   }
+#ifdef SPARGE_WITH_CUDA
+  /* fp32 inputs are computed in bf16 (fp16 when asked): the caller casts. */
+  int32_t compute = dtype;
+  if (dtype == SPARGE_DTYPE_FLOAT32)
+    compute = precision == SPARGE_PRECISION_FP16 ? SPARGE_DTYPE_FLOAT16 : SPARGE_DTYPE_BFLOAT16;
+  return sparge_cuda_block_shape(device_id, head_dim, head_dim_v, compute, precision, out_block_q, out_block_k,
+                                 out_pv_group, out_precision);
+#else
   return sparge_set_error(SPARGE_ERROR_INTERNAL, "device_type: unhandled %d", (int)device_type);
+#endif
 }
 
 /* ------------------------------------------------------------------------ */
@@ -322,14 +331,21 @@ sparge_status_t sparge_predict_workspace_size(const sparge_tensor_t *q, const sp
     *out_bytes = sparge_cpu_predict_workspace(&d, params->block_q, params->block_k);
     return SPARGE_SUCCESS;
   }
-  return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "device: no prediction kernel for CUDA in this build yet");
+#ifdef SPARGE_WITH_CUDA
+  *out_bytes = sparge_cuda_predict_workspace(&d, params->block_q, params->block_k);
+  return SPARGE_SUCCESS;
+#else
+  return sparge_set_error(SPARGE_ERROR_INTERNAL, "device: unhandled");
+#endif
 }
 
 sparge_status_t sparge_predict(const sparge_tensor_t *q, const sparge_tensor_t *k,
                                const sparge_tensor_t *sim_threshold, const sparge_tensor_t *select_param,
                                const sparge_predict_params_t *params, const sparge_tensor_t *out_mask,
                                void *workspace, size_t workspace_bytes, void *stream) {
+#ifndef SPARGE_WITH_CUDA
   (void)stream;
+#endif
   sparge_clear_error();
   sparge_dims_t d;
   CHECK(validate_predict(q, k, params, &d));
@@ -352,7 +368,20 @@ sparge_status_t sparge_predict(const sparge_tensor_t *q, const sparge_tensor_t *
       return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be 64-byte aligned");
     return sparge_cpu_predict(&d, q, k, sim_threshold, select_param, params, out_mask, workspace);
   }
-  return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "device: no prediction kernel for CUDA in this build yet");
+#ifdef SPARGE_WITH_CUDA
+  {
+    size_t need = sparge_cuda_predict_workspace(&d, params->block_q, params->block_k);
+    if (workspace_bytes < need)
+      return sparge_set_error(SPARGE_ERROR_WORKSPACE_TOO_SMALL, "workspace: %zu bytes given, %zu needed",
+                              workspace_bytes, need);
+    if (need && !workspace) return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "workspace: NULL");
+    if (((uintptr_t)workspace & 255u) != 0)
+      return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be 256-byte aligned");
+    return sparge_cuda_predict(&d, q, k, sim_threshold, select_param, params, out_mask, workspace, stream);
+  }
+#else
+  return sparge_set_error(SPARGE_ERROR_INTERNAL, "device: unhandled");
+#endif
 }
 
 /* ------------------------------------------------------------------------ */
@@ -392,7 +421,12 @@ sparge_status_t sparge_attn_workspace_size(const sparge_tensor_t *q, const sparg
     *out_bytes = 0; /* per-thread scratch lives on the host heap */
     return SPARGE_SUCCESS;
   }
-  return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "device: no attention kernel for CUDA in this build yet");
+#ifdef SPARGE_WITH_CUDA
+  *out_bytes = sparge_cuda_attn_workspace(&d, params);
+  return SPARGE_SUCCESS;
+#else
+  return sparge_set_error(SPARGE_ERROR_INTERNAL, "device: unhandled");
+#endif
 }
 
 sparge_status_t sparge_block_sparse_attn(const sparge_tensor_t *q, const sparge_tensor_t *k,
@@ -402,9 +436,11 @@ sparge_status_t sparge_block_sparse_attn(const sparge_tensor_t *q, const sparge_
                                          const sparge_attn_params_t *params, const sparge_tensor_t *out,
                                          const sparge_tensor_t *out_lse, const sparge_tensor_t *out_stats,
                                          void *workspace, size_t workspace_bytes, void *stream) {
+#ifndef SPARGE_WITH_CUDA
   (void)stream;
   (void)workspace;
   (void)workspace_bytes;
+#endif
   sparge_clear_error();
   sparge_dims_t d;
   CHECK(validate_attn(q, k, v, params, &d));
@@ -451,5 +487,22 @@ sparge_status_t sparge_block_sparse_attn(const sparge_tensor_t *q, const sparge_
   if (q->device_type == SPARGE_DEVICE_CPU)
     return sparge_cpu_attn(&d, q, k, v, block_mask, key_padding, pv_threshold, params, out, out_lse,
                            out_stats);
-  return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "device: no attention kernel for CUDA in this build yet");
+#ifdef SPARGE_WITH_CUDA
+  {
+    size_t need = sparge_cuda_attn_workspace(&d, params);
+    if (workspace_bytes < need)
+      return sparge_set_error(SPARGE_ERROR_WORKSPACE_TOO_SMALL, "workspace: %zu bytes given, %zu needed",
+                              workspace_bytes, need);
+    if (need && !workspace) return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "workspace: NULL");
+    if (((uintptr_t)workspace & 255u) != 0)
+      return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be 256-byte aligned");
+    if (q->dtype == SPARGE_DTYPE_FLOAT32)
+      return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
+                              "q: float32 has no CUDA attention kernel (cast to float16/bfloat16)");
+    return sparge_cuda_attn(&d, q, k, v, block_mask, key_padding, pv_threshold, params, out, out_lse, out_stats,
+                            workspace, stream);
+  }
+#else
+  return sparge_set_error(SPARGE_ERROR_INTERNAL, "device: unhandled");
+#endif
 }

@@ -102,17 +102,20 @@ def test_kernel_head_dims_dtypes_gqa(D, dtype, ratio):
 @needs_kernels
 @pytest.mark.parametrize("lam", [0.0, 4.0, float("inf")])
 def test_kernel_pv_skip(lam):
-    q, k, v = _qkv(1, 4, 4, 1000, 1000, 128, torch.bfloat16)
-    q = q * 3
+    from sparge.demo import make_video_qkv
+
+    # local attention (video-like tokens): many blocks are negligible for a warp's rows
+    q, k, v = make_video_qkv(T=4, Hs=16, Ws=16, heads=4, head_dim=128, device=DEV, dtype=torch.bfloat16)
+    L = q.shape[2]
     bq, bk = sparge.block_shape(DEV, 128, dtype=torch.bfloat16)
-    mask = torch.ones(1, 4, -(-1000 // bq), -(-1000 // bk), dtype=torch.bool, device=DEV)
+    mask = torch.ones(1, 4, -(-L // bq), -(-L // bk), dtype=torch.bool, device=DEV)
     out, ref, st, ref_st = _check_kernel(q, k, v, mask, None, pv=lam, what=f"pv {lam}")
     skipped, ref_skipped = st["pv_skipped"].sum().item(), ref_st[..., 3].sum().item()
     assert abs(skipped - ref_skipped) <= max(4, 0.03 * ref_skipped), (skipped, ref_skipped)
     if lam == float("inf"):
         assert skipped == 0
     if lam == 4.0:
-        assert skipped > 0
+        assert ref_skipped > 0 and skipped > 0
         dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         assert ((out.float() - dense).abs().sum() / dense.abs().sum()).item() < 0.1
 

@@ -1,8 +1,8 @@
 // device.cu — CUDA device queries of the CUDA backend.
 //
-// The attention and prediction kernels arrive with the CUDA backend; until then
-// this unit proves that device code compiles for every requested architecture,
-// links (static cudart, so importing sparge needs no CUDA libraries) and runs.
+// Whether a device can run this build's kernels: sm_80 or newer, and an image
+// of the device code for its architecture (static cudart, so importing sparge
+// needs no CUDA libraries; the runtime is first touched here).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -65,15 +65,11 @@ extern "C" sparge_status_t sparge_cuda_device_supported(int32_t device_id) {
                prop.minor, cudaGetErrorString(e));
       g_probe_state[device_id] = 2;
     } else {
-      snprintf(g_probe_error[device_id], sizeof g_probe_error[device_id],
-               "device: %s (sm_%d%d, device code built for sm_%d) has no sparge kernels in this build "
-               "yet",
-               prop.name, prop.major, prop.minor, attr.binaryVersion);
+      g_probe_error[device_id][0] = '\0';
       g_probe_state[device_id] = 1;
     }
   }
-  // No attention/prediction kernels exist yet: report the device as not
-  // supported so that callers fall back, with what the probe learned.
-  return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "%s",
-                          device_id < kMaxDevices ? g_probe_error[device_id] : "device: no CUDA kernels yet");
+  if (device_id < kMaxDevices && g_probe_state[device_id] == 2)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "%s", g_probe_error[device_id]);
+  return SPARGE_SUCCESS;
 }

@@ -1,0 +1,266 @@
+// attn.cu — host side of the CUDA block-sparse attention forward: block shapes,
+// argument checks the kernel needs beyond api.c's, and the dispatch over the
+// explicit instantiations (csrc/cuda/inst/*.cu) of attn_sm80.cuh.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "../internal.h"
+#include "attn_sm80.cuh"
+
+namespace {
+
+using sparge_cuda::AttnCfgFor;
+using sparge_cuda::AttnParams;
+
+// Block shape, PV row group and shared memory of the kernel for a head dim.
+struct TileInfo {
+  int block_q, block_k, pv_group, smem_bytes;
+};
+
+template <int D>
+TileInfo tile_info() {
+  using C = AttnCfgFor<D>;
+  return TileInfo{C::kBQ, C::kBK, C::kWM, C::kSmemBytes};
+}
+
+bool find_tile(int64_t head_dim, TileInfo *t) {
+  switch (head_dim) {
+    case 64: *t = tile_info<64>(); return true;
+    case 96: *t = tile_info<96>(); return true;
+    case 128: *t = tile_info<128>(); return true;
+    case 256: *t = tile_info<256>(); return true;
+    default: return false;
+  }
+}
+
+sparge_status_t cuda_error(cudaError_t err, const char *what) {
+  return sparge_set_error(SPARGE_ERROR_CUDA, "%s: %s (%s)", what, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+// Head dims and precision the kernels exist for (shared by block_shape and attn).
+sparge_status_t check_supported(int64_t head_dim, int64_t head_dim_v, int32_t dtype, int32_t precision,
+                                TileInfo *tile) {
+  if (precision == SPARGE_PRECISION_INT8)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "precision: int8 has no CUDA kernel in this build yet");
+  if (precision != SPARGE_PRECISION_AUTO && precision != SPARGE_PRECISION_FP16 &&
+      precision != SPARGE_PRECISION_BF16)
+    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "precision: unknown code %d", (int)precision);
+  if (dtype != SPARGE_DTYPE_FLOAT16 && dtype != SPARGE_DTYPE_BFLOAT16)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
+                            "dtype: the CUDA kernel computes in float16 or bfloat16 (dtype code %d)", (int)dtype);
+  if (head_dim != head_dim_v)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
+                            "head_dim_v: %lld differs from head_dim %lld; the CUDA kernel needs equal head dims",
+                            (long long)head_dim_v, (long long)head_dim);
+  if (!find_tile(head_dim, tile))
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
+                            "head_dim: %lld has no CUDA kernel (supported: 64, 96, 128, 256)", (long long)head_dim);
+  return SPARGE_SUCCESS;
+}
+
+// Opt-in shared memory per block of a device, cached (0 = not queried yet;
+// races only repeat the query).
+constexpr int kMaxDevices = 64;
+std::atomic<int> g_smem_optin[kMaxDevices];
+
+// The kernel's shared memory fits the device's opt-in per-block limit
+// (sm86/sm89 allow 99 KB: D = 256 does not fit there).
+sparge_status_t check_smem(int32_t device_id, int64_t head_dim, const TileInfo &tile) {
+  const bool cached = device_id >= 0 && device_id < kMaxDevices;
+  int optin = cached ? g_smem_optin[device_id].load(std::memory_order_relaxed) : 0;
+  if (optin == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id);
+    if (err != cudaSuccess) return cuda_error(err, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    if (cached) g_smem_optin[device_id].store(optin, std::memory_order_relaxed);
+  }
+  if (tile.smem_bytes > optin)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
+                            "device: head dim %lld needs %d bytes of shared memory per block, device %d allows %d",
+                            (long long)head_dim, tile.smem_bytes, (int)device_id, optin);
+  return SPARGE_SUCCESS;
+}
+
+bool multiple_of(uintptr_t x, uintptr_t m) { return x % m == 0; }
+
+// 16-byte cp.async rows: base pointer and every non-last stride (in bytes)
+// must be multiples of 16 (strides of size-1 dimensions are never used).
+sparge_status_t check_rows16(const sparge_tensor_t *t, const char *name) {
+  if (!multiple_of((uintptr_t)t->data, 16))
+    return sparge_set_error(SPARGE_ERROR_MISALIGNED, "%s: data pointer is not 16-byte aligned", name);
+  for (int i = 0; i < 3; ++i)
+    if (t->shape[i] > 1 && (t->strides[i] * 2) % 16 != 0)
+      return sparge_set_error(SPARGE_ERROR_MISALIGNED,
+                              "%s: stride %lld of dimension %d is not a multiple of 8 elements (16 bytes)", name,
+                              (long long)t->strides[i], i);
+  return SPARGE_SUCCESS;
+}
+
+__global__ void zero_stats_kernel(unsigned long long *st, int64_t B, int64_t H, int64_t sb, int64_t sh,
+                                  int64_t si) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= B * H * SPARGE_NUM_STATS) return;
+  const int64_t s = i % SPARGE_NUM_STATS, bh = i / SPARGE_NUM_STATS;
+  const int64_t b = bh / H, h = bh - b * H;
+  st[b * sb + h * sh + s * si] = 0ull;
+}
+
+template <typename T>
+cudaError_t launch_dtype(int64_t head_dim, const AttnParams &p, unsigned grid, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return sparge_cuda::launch_attn<T, 64>(p, grid, stream);
+    case 96: return sparge_cuda::launch_attn<T, 96>(p, grid, stream);
+    case 128: return sparge_cuda::launch_attn<T, 128>(p, grid, stream);
+    case 256: return sparge_cuda::launch_attn<T, 256>(p, grid, stream);
+    default: return cudaErrorInvalidValue;  // unreachable: check_supported ran first
+  }
+}
+
+// Restores the calling thread's current device on scope exit.
+struct DeviceGuard {
+  int prev = -1;
+  bool switched = false;
+  cudaError_t enter(int device) {
+    cudaError_t err = cudaGetDevice(&prev);
+    if (err != cudaSuccess) return err;
+    if (prev == device) return cudaSuccess;
+    err = cudaSetDevice(device);
+    switched = err == cudaSuccess;
+    return err;
+  }
+  ~DeviceGuard() {
+    if (switched) cudaSetDevice(prev);
+  }
+};
+
+}  // namespace
+
+extern "C" sparge_status_t sparge_cuda_block_shape(int32_t device_id, int64_t head_dim, int64_t head_dim_v,
+                                                   int32_t dtype, int32_t precision, int32_t *out_block_q,
+                                                   int32_t *out_block_k, int32_t *out_pv_group,
+                                                   int32_t *out_precision) {
+  TileInfo tile{};
+  sparge_status_t st = check_supported(head_dim, head_dim_v, dtype, precision, &tile);
+  if (st != SPARGE_SUCCESS) return st;
+  st = check_smem(device_id, head_dim, tile);
+  if (st != SPARGE_SUCCESS) return st;
+  if (out_block_q) *out_block_q = tile.block_q;
+  if (out_block_k) *out_block_k = tile.block_k;
+  if (out_pv_group) *out_pv_group = tile.pv_group;
+  if (out_precision)
+    *out_precision = dtype == SPARGE_DTYPE_FLOAT16 ? SPARGE_PRECISION_FP16 : SPARGE_PRECISION_BF16;
+  return SPARGE_SUCCESS;
+}
+
+extern "C" size_t sparge_cuda_attn_workspace(const sparge_dims_t *d, const sparge_attn_params_t *p) {
+  (void)d;
+  (void)p;
+  return 0;  // stats are zeroed in place and accumulated with atomics
+}
+
+extern "C" sparge_status_t sparge_cuda_attn(const sparge_dims_t *d, const sparge_tensor_t *q,
+                                            const sparge_tensor_t *k, const sparge_tensor_t *v,
+                                            const sparge_tensor_t *block_mask, const sparge_tensor_t *key_padding,
+                                            const sparge_tensor_t *pv_threshold, const sparge_attn_params_t *p,
+                                            const sparge_tensor_t *out, const sparge_tensor_t *out_lse,
+                                            const sparge_tensor_t *out_stats, void *workspace, void *stream) {
+  (void)workspace;
+  TileInfo tile{};
+  sparge_status_t st = check_supported(d->D, d->Dv, q->dtype, p->precision, &tile);
+  if (st != SPARGE_SUCCESS) return st;
+  if (p->block_q != tile.block_q || p->block_k != tile.block_k)
+    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE,
+                            "block_q/block_k: %d/%d, but the CUDA kernel for head dim %lld uses %d/%d "
+                            "(see sparge_block_shape)",
+                            (int)p->block_q, (int)p->block_k, (long long)d->D, tile.block_q, tile.block_k);
+  if (p->pv_group != tile.pv_group)
+    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE,
+                            "pv_group: %d, but the CUDA kernel for head dim %lld decides PV skips per %d rows "
+                            "(see sparge_block_shape)",
+                            (int)p->pv_group, (long long)d->D, tile.pv_group);
+
+  // ---- alignment the kernel relies on ----
+  st = check_rows16(q, "q");
+  if (st == SPARGE_SUCCESS) st = check_rows16(k, "k");
+  if (st == SPARGE_SUCCESS) st = check_rows16(v, "v");
+  if (st != SPARGE_SUCCESS) return st;
+  bool out_ok = multiple_of((uintptr_t)out->data, 4);
+  for (int i = 0; i < 3; ++i) out_ok = out_ok && (out->shape[i] == 1 || out->strides[i] % 2 == 0);
+  if (!out_ok)
+    return sparge_set_error(SPARGE_ERROR_MISALIGNED,
+                            "out: data pointer must be 4-byte aligned and strides even (2-element stores)");
+  if (out_lse && !multiple_of((uintptr_t)out_lse->data, 4))
+    return sparge_set_error(SPARGE_ERROR_MISALIGNED, "out_lse: data pointer is not 4-byte aligned");
+  if (out_stats && !multiple_of((uintptr_t)out_stats->data, 8))
+    return sparge_set_error(SPARGE_ERROR_MISALIGNED, "out_stats: data pointer is not 8-byte aligned");
+  if (pv_threshold && !multiple_of((uintptr_t)pv_threshold->data, 4))
+    return sparge_set_error(SPARGE_ERROR_MISALIGNED, "pv_threshold: data pointer is not 4-byte aligned");
+
+  // ---- grid: one CTA per (q-block, batch, q-head); 32-bit row/key indices ----
+  const int64_t ctas = d->nq * d->B * d->Hq;
+  if (ctas > (int64_t)INT_MAX)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "attention: %lld q-blocks x batch x heads exceed %d CTAs",
+                            (long long)ctas, INT_MAX);
+  const int64_t kMaxLen = (int64_t)INT_MAX - 1024;
+  if (d->Lq > kMaxLen || d->Lk > kMaxLen)
+    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "attention: sequence lengths %lld/%lld exceed the CUDA "
+                            "kernel's limit %lld", (long long)d->Lq, (long long)d->Lk, (long long)kMaxLen);
+
+  AttnParams a;
+  a.q = q->data;
+  a.k = k->data;
+  a.v = v->data;
+  a.out = out->data;
+  a.mask = static_cast<const uint8_t *>(block_mask->data);
+  a.kpad = key_padding ? static_cast<const uint8_t *>(key_padding->data) : nullptr;
+  a.pv = pv_threshold ? static_cast<const float *>(pv_threshold->data) : nullptr;
+  a.lse = out_lse ? static_cast<float *>(out_lse->data) : nullptr;
+  a.stats = out_stats ? static_cast<unsigned long long *>(out_stats->data) : nullptr;
+  a.q_sb = q->strides[0], a.q_sh = q->strides[1], a.q_sl = q->strides[2];
+  a.k_sb = k->strides[0], a.k_sh = k->strides[1], a.k_sl = k->strides[2];
+  a.v_sb = v->strides[0], a.v_sh = v->strides[1], a.v_sl = v->strides[2];
+  a.o_sb = out->strides[0], a.o_sh = out->strides[1], a.o_sl = out->strides[2];
+  a.m_sb = block_mask->strides[0], a.m_sh = block_mask->strides[1];
+  a.m_si = block_mask->strides[2], a.m_sj = block_mask->strides[3];
+  a.kp_sb = key_padding ? key_padding->strides[0] : 0;
+  a.kp_sl = key_padding ? key_padding->strides[1] : 0;
+  a.pv_s = pv_threshold ? pv_threshold->strides[0] : 0;
+  a.lse_sb = out_lse ? out_lse->strides[0] : 0;
+  a.lse_sh = out_lse ? out_lse->strides[1] : 0;
+  a.lse_sl = out_lse ? out_lse->strides[2] : 0;
+  a.st_sb = out_stats ? out_stats->strides[0] : 0;
+  a.st_sh = out_stats ? out_stats->strides[1] : 0;
+  a.st_si = out_stats ? out_stats->strides[2] : 0;
+  a.B = (int32_t)d->B;
+  a.Hq = (int32_t)d->Hq;
+  a.rep = (int32_t)(d->Hq / d->Hkv);
+  a.Lq = (int32_t)d->Lq;
+  a.Lk = (int32_t)d->Lk;
+  a.causal = p->causal != SPARGE_CAUSAL_NONE;
+  a.causal_off = p->causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? (int32_t)(d->Lk - d->Lq) : 0;
+  a.nq = (int32_t)d->nq;
+  a.nk = (int32_t)d->nk;
+  a.scale_log2 = p->scale * 1.4426950408889634f;
+
+  DeviceGuard guard;
+  cudaError_t err = guard.enter(q->device_id);
+  if (err != cudaSuccess) return cuda_error(err, "cudaSetDevice");
+  st = check_smem(q->device_id, d->D, tile);
+  if (st != SPARGE_SUCCESS) return st;
+
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.stats) {
+    const int64_t n = d->B * d->Hq * SPARGE_NUM_STATS;
+    const int threads = 256;
+    zero_stats_kernel<<<(unsigned)((n + threads - 1) / threads), threads, 0, s>>>(a.stats, d->B, d->Hq, a.st_sb,
+                                                                                   a.st_sh, a.st_si);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_error(err, "attention: stats reset launch");
+  }
+  err = q->dtype == SPARGE_DTYPE_FLOAT16 ? launch_dtype<__half>(d->D, a, (unsigned)ctas, s)
+                                         : launch_dtype<__nv_bfloat16>(d->D, a, (unsigned)ctas, s);
+  if (err != cudaSuccess) return cuda_error(err, "attention kernel launch");
+  return SPARGE_SUCCESS;
+}
