@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C, _lib
+from . import _lib
+from ._lib import _C
 
 
 def _num_blocks(n, block: int):

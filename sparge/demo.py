@@ -72,7 +72,8 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def run_demo(device: Optional[str] = None, plot: Optional[str] = None, T: int = 8, size: int = 24, heads: int = 8,
+def run_demo(device: Optional[str] = None, plot: Optional[str] = None, T: Optional[int] = None,
+             size: Optional[int] = None, heads: int = 8,
              head_dim: int = 64, cdf_threshold: float = 0.95, sim_threshold: float = 0.15, repeats: int = 5,
              print_fn=print) -> Dict[str, float]:
     import sparge
@@ -81,6 +82,9 @@ def run_demo(device: Optional[str] = None, plot: Optional[str] = None, T: int = 
         device = "cuda" if sparge.cuda_available() else "cpu"
     dev = torch.device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    # a GPU needs a long video for sparsity to pay; the CPU gets a short one
+    T = T or (8 if dev.type == "cpu" else 16)
+    size = size or (24 if dev.type == "cpu" else 48)
     q, k, v = make_video_qkv(T, size, size, heads, head_dim, device=dev, dtype=dtype)
     L = q.shape[2]
     opts = dict(cdf_threshold=cdf_threshold, sim_threshold=sim_threshold)

@@ -138,7 +138,26 @@ def _head_param(x: Hyper, name: str, H: int, device: torch.device, lo: float = -
                                  f"and be {'non-NaN' if allow_inf else 'finite'}, got {x.tolist()}")
         return t.contiguous()
     _check_number(x, name, lo, hi, lo_open, allow_inf)
-    return torch.full((H,), float(x), dtype=torch.float32, device=device)
+    return _constant_vector(float(x), H, device)
+
+
+_constants: Dict[Tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+def _constant_vector(x: float, H: int, device: torch.device) -> torch.Tensor:
+    """A read-only float32 [H] tensor filled with x, cached per device so that a
+    call makes no fill launches (not while compiling or capturing a graph,
+    where a cached tensor could outlive its memory pool)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if _compiling() or capturing:
+        return torch.full((H,), x, dtype=torch.float32, device=device)
+    key = (x, H, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) > 512:
+            _constants.clear()
+        t = _constants[key] = torch.full((H,), x, dtype=torch.float32, device=device)
+    return t
 
 
 def _check_flag(x, name: str) -> bool:
@@ -356,7 +375,7 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
          enable_gqa: bool = False, *, topk=_TOPK_DEFAULT, cdf_threshold=None, sim_threshold: Hyper = -0.1,
          pv_threshold: Optional[Hyper] = None, attention_sink: bool = False, precision: str = "auto",
          layout: str = "bhsd", config: Any = None, return_lse: bool = False, return_stats: bool = False,
-         causal_alignment: str = "top_left"):
+         causal_alignment: str = "top_left", auto_dense: bool = True):
     """Sparse drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Predicts which (BQ x BK) blocks of the attention map matter from pooled
@@ -365,7 +384,9 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     attention. ``config`` (a dict or object with per-head ``sim_threshold``,
     ``topk``/``cdf_threshold``, ``pv_threshold``) overrides the keywords.
     Returns ``out`` in the input layout and dtype, plus ``lse`` ``[B, Hq, Lq]``
-    and a stats dict when asked.
+    and a stats dict when asked. With ``auto_dense`` (default), a GPU call too
+    small for sparsity to pay, or a top-k too high to beat torch's dense kernel,
+    runs torch SDPA instead (exact; stats then report density 1).
     """
     if config is not None:
         sim_threshold = _config_value(config, "sim_threshold", sim_threshold)
@@ -393,6 +414,7 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     _check_flag(attention_sink, "attention_sink")
     _check_flag(return_lse, "return_lse")
     _check_flag(return_stats, "return_stats")
+    _check_flag(auto_dense, "auto_dense")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
 
@@ -408,6 +430,9 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     if reason is not None:
         _fallback(reason)
         return _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, return_lse, return_stats)
+    if auto_dense and not return_lse and _dense_pays(q, k, causal, mode, sel):
+        # exact dense attention is faster here than prediction + sparse kernel
+        return _sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, layout, False, return_stats)
 
     # copy only what the kernel cannot read in place (a non-unit last stride)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -418,6 +443,29 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     if layout == "bshd":
         out = out.transpose(1, 2)  # [B, Lq, Hq, Dv], contiguous
     return _pack(out, lse, stats, return_lse, return_stats)
+
+
+# On the GPU, sparsity pays only past a fixed cost (prediction, launches, Python)
+# and under a density where the sparse kernel beats torch's best dense kernel.
+# Measured on H100 (benchmarks/NOTES.md): a call of ~0.2 TFLOP dense runs in
+# ~0.4 ms either way; cuDNN's Hopper kernel is ~1.9x our sm80-style kernel, so
+# top-k above ~0.45 loses there; on sm80/sm89 our kernel matches FlashAttention-2.
+_AUTO_DENSE_MIN_FLOP = 2e11
+_AUTO_DENSE_TOPK = {9: 0.45}
+_AUTO_DENSE_TOPK_DEFAULT = 0.9
+
+
+def _dense_pays(q, k, causal, mode, sel) -> bool:
+    if q.device.type != "cuda":
+        return False
+    B, Hq, Lq, D = q.shape
+    flop = 4.0 * B * Hq * Lq * k.shape[2] * D / (2 if causal else 1)
+    if flop < _AUTO_DENSE_MIN_FLOP:
+        return True
+    if mode != _lib.SELECT_TOPK or isinstance(sel, torch.Tensor):
+        return False
+    major = _lib.device_capability(q.device)[0]
+    return float(sel) >= _AUTO_DENSE_TOPK.get(major, _AUTO_DENSE_TOPK_DEFAULT)
 
 
 def _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, scale, layout, return_lse, return_stats):

@@ -176,8 +176,8 @@ def test_cpu_and_cuda_agree():
 def test_stream_graph_and_compile_equal_eager():
     q, k, v = _qkv(1, 8, 8, 2048, 2048, 128, torch.bfloat16)
 
-    def f(q, k, v):
-        return sparge.attn(q, k, v, is_causal=True, topk=0.3, pv_threshold=8.0)
+    def f(q, k, v):  # a small call: auto_dense off so the sparse kernels run
+        return sparge.attn(q, k, v, is_causal=True, topk=0.3, pv_threshold=8.0, auto_dense=False)
 
     eager = f(q, k, v)
     s = torch.cuda.Stream()
@@ -209,3 +209,19 @@ def test_other_device_index():
     q, k, v = _qkv(1, 2, 2, 500, 500, 64, torch.float16)
     q1, k1, v1 = (t.to("cuda:1") for t in (q, k, v))
     assert torch.equal(sparge.attn(q1, k1, v1, topk=0.5).cpu(), sparge.attn(q, k, v, topk=0.5).cpu())
+
+
+@needs_kernels
+def test_auto_dense_policy():
+    """Small calls and high top-k run torch SDPA exactly; a large sparse call does not."""
+    q, k, v = _qkv(1, 4, 4, 1024, 1024, 64, torch.bfloat16)
+    out, st = sparge.attn(q, k, v, topk=0.2, return_stats=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert (st["density"] == 1.0).all()
+    out = sparge.attn(q, k, v, topk=0.2, auto_dense=False)
+    assert not torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    q, k, v = _qkv(1, 16, 16, 8192, 8192, 128, torch.bfloat16)
+    _, st = sparge.attn(q, k, v, topk=0.2, return_stats=True)
+    assert (st["density"] < 0.5).all()
+    _, st = sparge.attn(q, k, v, topk=0.95, return_stats=True)
+    assert (st["density"] == 1.0).all()
