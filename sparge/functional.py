@@ -148,8 +148,7 @@ def _constant_vector(x: float, H: int, device: torch.device) -> torch.Tensor:
     """A read-only float32 [H] tensor filled with x, cached per device so that a
     call makes no fill launches (not while compiling or capturing a graph,
     where a cached tensor could outlive its memory pool)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if _compiling() or capturing:
+    if _compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((H,), x, dtype=torch.float32, device=device)
     key = (x, H, device)
     t = _constants.get(key)
@@ -475,11 +474,16 @@ def _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, scale, layout, return_
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     Lq, Lk = q.shape[2], k.shape[2]
-    mask = attn_mask
-    if causal is not None:
+    mask, sdpa_causal = attn_mask, False
+    if causal == "top_left" or (causal == "bottom_right" and Lq == Lk):
+        sdpa_causal = True  # torch's own causal kernels, no mask tensor
+        if return_lse:
+            mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    elif causal is not None:
         e = reference.last_visible_key(Lq, Lk, causal, q.device)
         mask = torch.arange(Lk, device=q.device)[None, :] <= e[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if sdpa_causal else mask, dropout_p=dropout_p,
+                                         is_causal=sdpa_causal, scale=scale)
     if causal is not None and causal == "bottom_right" and Lq > Lk:
         out = out.masked_fill(~mask.any(-1)[:, None], 0.0)  # rows that see no key give 0, as the kernel does
     lse = stats = None
