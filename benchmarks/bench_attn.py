@@ -95,7 +95,7 @@ def main():
     dtype = torch.bfloat16
     if args.quick:
         shapes = [(1, 16, 16384, 128)]
-        densities, causals = [1.0, 0.25], [False]
+        densities, causals = [1.0, 0.25], [False, True]
     else:
         shapes = [(1, 32, 4096, 128), (1, 32, 16384, 64), (1, 16, 16384, 128), (1, 16, 32768, 128),
                   (1, 32, 32768, 64)]

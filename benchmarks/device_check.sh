@@ -24,7 +24,8 @@ for s in "${steps[@]}"; do
     bench-quick) python3 benchmarks/bench_attn.py --quick --csv "$OUT/bench_quick.csv" 2>&1 | tee "$OUT/bench_quick.txt" ;;
     bench) python3 benchmarks/bench_attn.py --csv "$OUT/bench_attn.csv" 2>&1 | tee "$OUT/bench_attn.txt" ;;
     sanitize)
-      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_cuda.py -k "lengths and 97" 2>&1 | tail -15 | tee "$OUT/memcheck.txt"
-      compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x tests/test_cuda.py -k "lengths and 97-97" 2>&1 | tail -15 | tee "$OUT/racecheck.txt" ;;
+      sel="(test_kernel_lengths and 97) or (test_predict_matches_reference and topk)"
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_cuda.py -k "$sel" 2>&1 | tail -6 | tee "$OUT/memcheck.txt"
+      compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -x tests/test_cuda.py -k "$sel" 2>&1 | tail -6 | tee "$OUT/racecheck.txt" ;;
   esac
 done
