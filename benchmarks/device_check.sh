@@ -30,7 +30,7 @@ for s in "${steps[@]}"; do
       # baseline, reports hazards of its own)
       for kern in attn_fwd_kernel pool_kernel km_kernel select_kernel; do
         echo "racecheck $kern"
-        compute-sanitizer --tool racecheck --filter kns=$kern --error-exitcode 9 \
+        compute-sanitizer --tool racecheck --kernel-name kns=$kern --error-exitcode 9 \
           python3 -m pytest -q -x tests/test_cuda.py -k "$sel" 2>&1 | tail -3
       done 2>&1 | tee "$OUT/racecheck.txt" ;;
   esac
