@@ -284,6 +284,26 @@ static sparge_status_t check_cpu_limits(const sparge_dims_t *d, int32_t block_q,
   return SPARGE_SUCCESS;
 }
 
+/* A bool/uint8 mask of an exact shape on q's device. */
+static sparge_status_t check_mask(const sparge_tensor_t *t, const char *name, int ndim, const int64_t *shape,
+                                  const sparge_tensor_t *q) {
+  CHECK(check_shape(t, name, ndim, shape));
+  if (!is_mask_dtype(t->dtype))
+    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "%s: dtype %s, expected bool or uint8", name,
+                            dtype_name(t->dtype));
+  return check_same_device(t, q, name);
+}
+
+/* The caller's workspace: large enough, present when needed, aligned. */
+static sparge_status_t check_workspace(const void *workspace, size_t have, size_t need, uintptr_t align) {
+  if (have < need)
+    return sparge_set_error(SPARGE_ERROR_WORKSPACE_TOO_SMALL, "workspace: %zu bytes given, %zu needed", have, need);
+  if (need && !workspace) return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "workspace: NULL");
+  if (((uintptr_t)workspace & (align - 1u)) != 0)
+    return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be %u-byte aligned", (unsigned)align);
+  return SPARGE_SUCCESS;
+}
+
 static sparge_status_t check_struct_size(size_t got, size_t want, const char *name) {
   if (got < want)
     return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "%s: struct_size %zu is smaller than %zu (older header?)",
@@ -352,31 +372,17 @@ sparge_status_t sparge_predict(const sparge_tensor_t *q, const sparge_tensor_t *
   CHECK(check_head_param(sim_threshold, "sim_threshold", q, d.Hq));
   CHECK(check_head_param(select_param, "select_param", q, d.Hq));
   const int64_t mshape[4] = {d.B, d.Hq, d.nq, d.nk};
-  CHECK(check_shape(out_mask, "out_mask", 4, mshape));
-  if (!is_mask_dtype(out_mask->dtype))
-    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "out_mask: dtype %s, expected bool or uint8",
-                            dtype_name(out_mask->dtype));
-  CHECK(check_same_device(out_mask, q, "out_mask"));
+  CHECK(check_mask(out_mask, "out_mask", 4, mshape, q));
   CHECK(sparge_device_supported(q->device_type, q->device_id));
   if (q->device_type == SPARGE_DEVICE_CPU) {
-    size_t need = sparge_cpu_predict_workspace(&d, params->block_q, params->block_k);
-    if (workspace_bytes < need)
-      return sparge_set_error(SPARGE_ERROR_WORKSPACE_TOO_SMALL, "workspace: %zu bytes given, %zu needed",
-                              workspace_bytes, need);
-    if (need && !workspace) return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "workspace: NULL");
-    if (((uintptr_t)workspace & 63u) != 0)
-      return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be 64-byte aligned");
+    CHECK(check_workspace(workspace, workspace_bytes,
+                          sparge_cpu_predict_workspace(&d, params->block_q, params->block_k), 64));
     return sparge_cpu_predict(&d, q, k, sim_threshold, select_param, params, out_mask, workspace);
   }
 #ifdef SPARGE_WITH_CUDA
   {
-    size_t need = sparge_cuda_predict_workspace(&d, params->block_q, params->block_k);
-    if (workspace_bytes < need)
-      return sparge_set_error(SPARGE_ERROR_WORKSPACE_TOO_SMALL, "workspace: %zu bytes given, %zu needed",
-                              workspace_bytes, need);
-    if (need && !workspace) return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "workspace: NULL");
-    if (((uintptr_t)workspace & 255u) != 0)
-      return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be 256-byte aligned");
+    CHECK(check_workspace(workspace, workspace_bytes,
+                          sparge_cuda_predict_workspace(&d, params->block_q, params->block_k), 256));
     return sparge_cuda_predict(&d, q, k, sim_threshold, select_param, params, out_mask, workspace, stream);
   }
 #else
@@ -445,18 +451,10 @@ sparge_status_t sparge_block_sparse_attn(const sparge_tensor_t *q, const sparge_
   sparge_dims_t d;
   CHECK(validate_attn(q, k, v, params, &d));
   const int64_t mshape[4] = {d.B, d.Hq, d.nq, d.nk};
-  CHECK(check_shape(block_mask, "block_mask", 4, mshape));
-  if (!is_mask_dtype(block_mask->dtype))
-    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "block_mask: dtype %s, expected bool or uint8",
-                            dtype_name(block_mask->dtype));
-  CHECK(check_same_device(block_mask, q, "block_mask"));
+  CHECK(check_mask(block_mask, "block_mask", 4, mshape, q));
   if (key_padding) {
     const int64_t kshape[2] = {d.B, d.Lk};
-    CHECK(check_shape(key_padding, "key_padding", 2, kshape));
-    if (!is_mask_dtype(key_padding->dtype))
-      return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "key_padding: dtype %s, expected bool or uint8",
-                              dtype_name(key_padding->dtype));
-    CHECK(check_same_device(key_padding, q, "key_padding"));
+    CHECK(check_mask(key_padding, "key_padding", 2, kshape, q));
   }
   if (pv_threshold) CHECK(check_head_param(pv_threshold, "pv_threshold", q, d.Hq));
   const int64_t oshape[4] = {d.B, d.Hq, d.Lq, d.Dv};
@@ -489,13 +487,7 @@ sparge_status_t sparge_block_sparse_attn(const sparge_tensor_t *q, const sparge_
                            out_stats);
 #ifdef SPARGE_WITH_CUDA
   {
-    size_t need = sparge_cuda_attn_workspace(&d, params);
-    if (workspace_bytes < need)
-      return sparge_set_error(SPARGE_ERROR_WORKSPACE_TOO_SMALL, "workspace: %zu bytes given, %zu needed",
-                              workspace_bytes, need);
-    if (need && !workspace) return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "workspace: NULL");
-    if (((uintptr_t)workspace & 255u) != 0)
-      return sparge_set_error(SPARGE_ERROR_MISALIGNED, "workspace: must be 256-byte aligned");
+    CHECK(check_workspace(workspace, workspace_bytes, sparge_cuda_attn_workspace(&d, params), 256));
     if (q->dtype == SPARGE_DTYPE_FLOAT32)
       return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
                               "q: float32 has no CUDA attention kernel (cast to float16/bfloat16)");
