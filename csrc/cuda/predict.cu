@@ -20,7 +20,8 @@
 //      each (keys in registers, shuffles; a row sorts next_pow2 of its
 //      allowed k-blocks, so short causal rows cost less); larger rows by the
 //      whole CTA (registers, shuffles and shared memory), up to nk = 4096.
-//      QT = 32 for nk <= 512, else the largest of 32/16/8/4 whose score tile
+//      QT = 8 for nk <= 512 (enough CTAs to fill the GPU: 32 left 3/4 of the
+//      SMs idle at H=16, L=16k), else the largest of 32/16/8/4 whose score tile
 //      fits the device's shared memory.
 // Q is read once and K twice from global memory.
 //
@@ -1056,11 +1057,11 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   const int64_t BH = B * Hq;
   const size_t smem_max = (size_t)smem_optin;
   const int npow = pow2ceil((int)nk);
-  if (npow <= 32) return launch_select<8, 1, false>(sp, BH, st, smem_max);
-  if (npow <= 64) return launch_select<8, 2, false>(sp, BH, st, smem_max);
-  if (npow <= 128) return launch_select<8, 4, false>(sp, BH, st, smem_max);
-  if (npow <= 256) return launch_select<8, 8, false>(sp, BH, st, smem_max);
-  if (npow <= 512) return launch_select<8, 16, false>(sp, BH, st, smem_max);
+  if (npow <= 32) return launch_select<2, 1, false>(sp, BH, st, smem_max);
+  if (npow <= 64) return launch_select<2, 2, false>(sp, BH, st, smem_max);
+  if (npow <= 128) return launch_select<2, 4, false>(sp, BH, st, smem_max);
+  if (npow <= 256) return launch_select<2, 8, false>(sp, BH, st, smem_max);
+  if (npow <= 512) return launch_select<2, 16, false>(sp, BH, st, smem_max);
   if (npow <= 1024) return launch_select_cta<4>(sp, BH, st, smem_max);
   if (npow <= 2048) return launch_select_cta<8>(sp, BH, st, smem_max);
   return launch_select_cta<16>(sp, BH, st, smem_max);
