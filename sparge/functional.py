@@ -159,6 +159,11 @@ def _constant_vector(x: float, H: int, device: torch.device) -> torch.Tensor:
     return t
 
 
+def _check_precision(precision) -> None:
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
+
+
 def _check_flag(x, name: str) -> bool:
     if not isinstance(x, bool):
         raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
@@ -226,8 +231,7 @@ def block_shape(device: Union[str, torch.device], head_dim: int, precision: str 
                 dtype: torch.dtype = torch.float16, head_dim_v: Optional[int] = None) -> Tuple[int, int]:
     """(BQ, BK) of the kernel sparge uses on ``device`` for this head dim."""
     device = torch.device(device)
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     bq, bk, _, _ = _lib.kernel_config(device, head_dim, head_dim if head_dim_v is None else head_dim_v, dtype,
                                       precision)
     return bq, bk
@@ -251,8 +255,7 @@ def predict(query, key, *, is_causal: bool = False, scale=None, enable_gqa: bool
     s = _resolve_scale(scale, q.shape[3])
     mode, sel = _selection(topk, cdf_threshold)
     _check_flag(attention_sink, "attention_sink")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     Hq = q.shape[1]
     sel_t = _head_param(sel, "topk" if mode == _lib.SELECT_TOPK else "cdf_threshold", Hq, q.device, 0.0, 1.0,
                         lo_open=True)
@@ -321,8 +324,7 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
                              "call .contiguous() first")
     causal = _causal_mode(is_causal, causal_alignment)
     s = _resolve_scale(scale, q.shape[3])
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     _check_flag(return_lse, "return_lse")
     _check_flag(return_stats, "return_stats")
     B, Hq, Lq, D = q.shape
@@ -414,8 +416,7 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     _check_flag(return_lse, "return_lse")
     _check_flag(return_stats, "return_stats")
     _check_flag(auto_dense, "auto_dense")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
 
     kpad, reason = None, None
     if attn_mask is not None:
