@@ -282,7 +282,7 @@ def _block_size(block_size, q, k, v, precision) -> Tuple[int, int]:
 def _predict_mask(q, k, sim_t, sel_t, scale, causal, mode, sink, bq, bk) -> torch.Tensor:
     reason = _lib.device_reason(q.device.type, q.device.index or 0) if q.device.type != "cpu" else None
     if reason is None:
-        return _ops.predict(q, k, sim_t, sel_t, scale, _lib.CAUSAL_CODES[causal], mode, sink, bq, bk)
+        return _ops.run_predict(q, k, sim_t, sel_t, scale, _lib.CAUSAL_CODES[causal], mode, sink, bq, bk)
     _fallback(f"prediction on {q.device.type} runs the torch reference ({reason})")
     topk = sel_t if mode == _lib.SELECT_TOPK else None
     cdf = sel_t if mode == _lib.SELECT_CDF else None
@@ -358,7 +358,7 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
     reason = _native_reason(q.device, D, Dv, q.dtype, precision)
     if reason is None:
         _, _, group, prec = _lib.kernel_config(q.device, D, Dv, q.dtype, precision)
-        out, lse, stats = _ops.block_sparse_attn(q, k, v, mask, kpad, pv_t, s, _lib.CAUSAL_CODES[causal], prec, bq,
+        out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, kpad, pv_t, s, _lib.CAUSAL_CODES[causal], prec, bq,
                                                  bk, min(group, bq), layout == "bshd", return_lse, return_stats)
         if layout == "bshd":
             out = out.transpose(1, 2)  # [B, Lq, Hq, Dv], contiguous
@@ -438,7 +438,7 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bq, bk, group, prec = _lib.kernel_config(q.device, D, Dv, q.dtype, precision)
     mask = _predict_mask(q, k, sim_t, sel_t, s, causal, mode, attention_sink, bq, bk)
-    out, lse, stats = _ops.block_sparse_attn(q, k, v, mask, kpad, pv_t, s, _lib.CAUSAL_CODES[causal], prec, bq, bk,
+    out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, kpad, pv_t, s, _lib.CAUSAL_CODES[causal], prec, bq, bk,
                                              group, layout == "bshd", return_lse, return_stats)
     if layout == "bshd":
         out = out.transpose(1, 2)  # [B, Lq, Hq, Dv], contiguous
