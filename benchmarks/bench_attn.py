@@ -11,7 +11,6 @@ Timing: CUDA events, warm-up, median (triton.testing.do_bench when available),
 inputs far larger than L2 at these sizes.
 """
 import argparse
-import csv
 import math
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import sparge
+from common import write_rows
 
 
 def bench(fn) -> float:
@@ -137,12 +137,7 @@ def main():
                       f"{t_cudnn / t_api:>6.2f} {flops / t_api / 1e9:>6.0f}", flush=True)
     path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu), "bench_attn.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"rows written to {path}")
+    write_rows(path, rows)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ full API time (prediction with topk=density + kernel), torch SDPA time, and
 speedups. Dense-equivalent GFLOPS = 4*B*H*L^2*D / time, labelled as such.
 """
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sparge
+from common import write_rows
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -94,12 +94,7 @@ def main():
 
     path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu",
                                     f"{platform.node() or 'host'}.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"rows written to {path}")
+    write_rows(path, rows)
 
 
 if __name__ == "__main__":
