@@ -1,8 +1,12 @@
 """torch.library custom ops over the C ABI, with fake (meta) implementations so
 that ``torch.compile(fullgraph=True)`` traces them and CUDA graphs capture them.
 
-The ops take ``[B, H, L, D]`` views (any strides, unit last stride) and never
-copy; ``out_bshd`` chooses the memory layout of the attention output.
+The ops take ``[B, H, L, D]`` views (any strides, unit last stride) and copy
+nothing, except on the GPU: fp32 inputs are cast to the kernels' 16-bit type,
+and rows the kernels cannot load aligned are copied once (MISALIGNED retry).
+``out_bshd`` chooses the memory layout of the attention output. Eager callers
+use ``run_predict``/``run_block_sparse_attn``, which skip the dispatcher when
+nothing traces.
 """
 from __future__ import annotations
 
