@@ -6,6 +6,7 @@
 See README.md and SPEC.md for the method and the contract.
 """
 from ._lib import NotSupportedError, SpargeError
+from .config import ConfigError, LayerConfig, SpargeConfig
 from .functional import attn, block_shape, block_sparse_attn, fallback_counts, predict, reset_fallback_counts
 
 __version__ = "0.1.0"
@@ -19,6 +20,9 @@ __all__ = [
     "reset_fallback_counts",
     "SpargeError",
     "NotSupportedError",
+    "LayerConfig",
+    "SpargeConfig",
+    "ConfigError",
     "cuda_available",
 ]
 

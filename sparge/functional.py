@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _lib, _ops, reference
+from . import config as _config
 
 __all__ = ["attn", "predict", "block_sparse_attn", "block_shape", "fallback_counts", "reset_fallback_counts"]
 
@@ -216,14 +217,6 @@ def _key_padding(attn_mask, B: int, Hq: int, Lq: int, Lk: int) -> Tuple[Optional
     return attn_mask.reshape(full[0], Lk).expand(B, Lk), None
 
 
-def _config_value(config, name: str, default):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(name, default)
-    return getattr(config, name, default)
-
-
 # --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
@@ -382,23 +375,23 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     Predicts which (BQ x BK) blocks of the attention map matter from pooled
     Q/K (keeping every non-self-similar block), then runs the fused sparse
     kernel over those blocks. ``topk=1.0`` with ``pv_threshold=None`` is dense
-    attention. ``config`` (a dict or object with per-head ``sim_threshold``,
-    ``topk``/``cdf_threshold``, ``pv_threshold``) overrides the keywords.
+    attention. ``config`` (a ``sparge.LayerConfig``, a ``SpargeConfig`` with a
+    single layer or only a default, or a dict with ``sim_threshold``,
+    ``topk``/``cdf_threshold``, ``pv_threshold``) overrides those keywords.
     Returns ``out`` in the input layout and dtype, plus ``lse`` ``[B, Hq, Lq]``
     and a stats dict when asked. With ``auto_dense`` (default), a GPU call too
     small for sparsity to pay, or a top-k too high to beat torch's dense kernel,
     runs torch SDPA instead (exact; stats then report density 1).
     """
-    if config is not None:
-        sim_threshold = _config_value(config, "sim_threshold", sim_threshold)
-        pv_threshold = _config_value(config, "pv_threshold", pv_threshold)
-        cfg_cdf = _config_value(config, "cdf_threshold", None)
-        cfg_topk = _config_value(config, "topk", None)
-        if cfg_cdf is not None:
-            cdf_threshold, topk = cfg_cdf, _TOPK_DEFAULT
-        elif cfg_topk is not None:
-            topk, cdf_threshold = cfg_topk, None
     q, k, v = _check_qkv(query, key, value, layout, enable_gqa)
+    if config is not None:
+        over = _config.resolve(config, q.shape[1], q.device)
+        sim_threshold = over.get("sim_threshold", sim_threshold)
+        pv_threshold = over.get("pv_threshold", pv_threshold)
+        if over.get("cdf_threshold") is not None:
+            cdf_threshold, topk = over["cdf_threshold"], _TOPK_DEFAULT
+        elif over.get("topk") is not None:
+            topk, cdf_threshold = over["topk"], None
     causal = _causal_mode(is_causal, causal_alignment)
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
