@@ -6,6 +6,7 @@
 See README.md and SPEC.md for the method and the contract.
 """
 from ._lib import NotSupportedError, SpargeError
+from .calibration import CalibrationResult, calibrate, calibrate_layer
 from .config import ConfigError, LayerConfig, SpargeConfig
 from .functional import attn, block_shape, block_sparse_attn, fallback_counts, predict, reset_fallback_counts
 
@@ -23,6 +24,9 @@ __all__ = [
     "LayerConfig",
     "SpargeConfig",
     "ConfigError",
+    "calibrate",
+    "calibrate_layer",
+    "CalibrationResult",
     "cuda_available",
 ]
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m sparge demo [--plot out.png]`` and ``python -m sparge info``."""
+"""Command line: ``python -m sparge demo [--plot out.png]``, ``python -m sparge calibrate-demo [--out DIR]``
+and ``python -m sparge info``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,14 @@ def main(argv=None) -> int:
     demo.add_argument("--cdf-threshold", type=float, default=0.95)
     demo.add_argument("--sim-threshold", type=float, default=0.15)
     demo.add_argument("--repeats", type=int, default=5)
+    cal = sub.add_parser("calibrate-demo", help="calibrate a small video-attention model; write config + plots")
+    cal.add_argument("--out", default="sparge_calibration", help="output folder (config JSON and PNGs)")
+    cal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when sparge runs there)")
+    cal.add_argument("--layers", type=int, default=4)
+    cal.add_argument("--heads", type=int, default=4)
+    cal.add_argument("--grid", type=int, nargs=3, default=(4, 16, 16), metavar=("T", "H", "W"))
+    cal.add_argument("--target", type=float, default=0.05, help="error bound per head (default 0.05)")
+    cal.add_argument("--metric", default="l1", choices=("l1", "rmse", "cosine"))
     sub.add_parser("info", help="print the build and device support")
     args = parser.parse_args(argv)
 
@@ -27,6 +36,13 @@ def main(argv=None) -> int:
         run_demo(device=args.device, plot=args.plot, T=args.frames, size=args.size, heads=args.heads,
                  head_dim=args.head_dim, cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold,
                  repeats=args.repeats)
+        return 0
+
+    if args.command == "calibrate-demo":
+        from .demo import run_calibrate_demo
+
+        run_calibrate_demo(args.out, device=args.device, layers=args.layers, heads=args.heads, grid=tuple(args.grid),
+                           target=args.target, metric=args.metric)
         return 0
 
     import torch

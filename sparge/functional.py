@@ -39,6 +39,10 @@ _TOPK_DEFAULT = _DefaultTopk(0.5)
 
 _fallbacks: Counter = Counter()
 
+# Set by sparge.calibrate while it captures a model's attention calls: it gets
+# attn's SDPA arguments and returns the dense output (None: run normally).
+_observer = None
+
 
 def fallback_counts() -> Dict[str, int]:
     """How often each fallback reason was taken since import (or the last reset)."""
@@ -383,6 +387,11 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     small for sparsity to pay, or a top-k too high to beat torch's dense kernel,
     runs torch SDPA instead (exact; stats then report density 1).
     """
+    if _observer is not None and not (return_lse or return_stats):
+        out = _observer(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
+                        causal_alignment)
+        if out is not None:
+            return out
     q, k, v = _check_qkv(query, key, value, layout, enable_gqa)
     if config is not None:
         over = _config.resolve(config, q.shape[1], q.device)

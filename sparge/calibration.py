@@ -1,0 +1,520 @@
+"""Calibration: per-layer, per-head hyperparameters in minutes.
+
+For every attention layer and head, choose θ (``sim_threshold``), τ or ρ
+(``cdf_threshold`` or ``topk``) and λ (``pv_threshold``) that give the lowest
+density (fraction of blocks computed) while the head's output error against
+dense attention stays under a target.
+
+How the search is batched (one attention call of a layer at a time):
+
+1. Every head is copied once per θ candidate into a wider query tensor
+   ``[B, H*C, L, D]`` whose copies share the original K/V through GQA, so one
+   sparse-attention launch evaluates all heads x all θ candidates, each copy
+   with its own per-head τ (or ρ).
+2. τ (or ρ) is found by bisection run in parallel for every (head, θ): each
+   step is one launch; lower and upper bounds move on the device with
+   ``torch.where``, so the search never synchronizes with the host. τ is
+   bisected on ``-log10(1 - τ)`` (the useful values crowd near 1), ρ linearly.
+   The stage aims at ``target * (1 - pv_share)``, leaving the rest for PV skip.
+3. Per head, the θ whose best τ computes the fewest blocks wins.
+4. λ: all candidates in one launch; the smallest λ (most skipping) whose
+   error stays under ``target`` wins, else PV skip stays off.
+5. The chosen (θ, τ, λ) is run once more; a head over the target (the search
+   assumes error falls as τ rises, which holds only roughly) is set dense.
+
+Across calls (samples, diffusion steps) of one layer, values are merged
+conservatively: per head the maximum θ, τ (ρ) and λ, each of which can only
+compute more. Captured calls are calibrated as they happen and then dropped,
+so memory stays at one call's tensors; the model itself always receives the
+exact dense output while calibrating.
+
+Error metrics (per head, over batch, rows and channels): ``"l1"`` relative L1
+``Σ|O-R| / Σ|R|``, ``"rmse"`` relative RMSE ``‖O-R‖ / ‖R‖``, ``"cosine"``
+``1 - cos(O, R)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import functional as _fn
+from .config import LayerConfig, SpargeConfig
+
+__all__ = ["calibrate", "calibrate_layer", "CalibrationResult", "LayerCalibration"]
+
+log = logging.getLogger(__name__)
+
+METRICS = ("l1", "rmse", "cosine")
+MODES = ("cdf", "topk")
+DEFAULT_SIM_CANDIDATES = "auto"
+_AUTO_SIM_QUANTILES = (0.02, 0.05, 0.15)
+DEFAULT_PV_CANDIDATES = (20.0, 14.0, 10.0, 8.0, 6.0, 4.0)
+_CDF_X_MAX = 4.0  # tau = 1 - 10**-x, x in (0, 4]: tau up to 0.9999
+
+
+@dataclass
+class LayerCalibration:
+    """One calibrated attention call: the chosen values per head, what they
+    achieved on this call, and every point the search evaluated."""
+
+    path: str
+    num_heads: int
+    mode: str
+    sim_threshold: torch.Tensor      # [H]
+    selection: torch.Tensor          # [H] tau or rho
+    pv_threshold: torch.Tensor       # [H], inf = off
+    density: torch.Tensor            # [H] achieved, chosen values
+    error: torch.Tensor              # [H] achieved, chosen values
+    pv_skip: torch.Tensor            # [H] fraction of PV units skipped
+    curve: Dict[str, torch.Tensor] = field(default_factory=dict)  # "sim" [H, C], "selection"/"density"/"error" [S, H, C]
+
+    def layer_config(self) -> LayerConfig:
+        return _to_layer_config(self.mode, self.sim_threshold, self.selection, self.pv_threshold)
+
+
+def _up(x: float, digits: int = 6) -> float:
+    """x rounded up (towards computing more) to a readable decimal."""
+    return math.ceil(x * 10 ** digits - 1e-3) / 10 ** digits
+
+
+def _to_layer_config(mode, sim, sel, pv) -> LayerConfig:
+    pv_list = [None if math.isinf(x) else _up(x, 4) for x in pv.tolist()]
+    kw = {"cdf_threshold" if mode == "cdf" else "topk": [min(1.0, _up(x)) for x in sel.tolist()]}
+    return LayerConfig(sim_threshold=[_up(x, 4) for x in sim.tolist()],
+                       pv_threshold=pv_list if any(x is not None for x in pv_list) else None, **kw)
+
+
+@dataclass
+class CalibrationResult:
+    """The merged ``config`` and the per-call records behind it."""
+
+    config: SpargeConfig
+    records: List[LayerCalibration]
+    target: float
+    metric: str
+    mode: str
+    skipped: Dict[str, int] = field(default_factory=dict)  # reason -> calls not calibrated
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """Per layer: mean density and max error over heads and calls (of the
+        per-call chosen values), mean PV-skip fraction, number of calls."""
+        out: Dict[str, Dict[str, float]] = {}
+        for r in self.records:
+            s = out.setdefault(r.path, {"density": 0.0, "error": 0.0, "pv_skip": 0.0, "calls": 0})
+            s["density"] += r.density.mean().item()
+            s["pv_skip"] += r.pv_skip.mean().item()
+            s["error"] = max(s["error"], r.error.max().item())
+            s["calls"] += 1
+        for s in out.values():
+            s["density"] /= s["calls"]
+            s["pv_skip"] /= s["calls"]
+        return out
+
+    def save(self, path) -> None:
+        self.config.save(path)
+
+
+# --------------------------------------------------------------------------
+# One call: batched search over heads x candidates
+# --------------------------------------------------------------------------
+def _head_errors(out: torch.Tensor, ref: torch.Tensor, metric: str) -> torch.Tensor:
+    """out [B, H, C, L, Dv], ref [B, H, L, Dv] -> error [H, C] (float32)."""
+    B, H, C = out.shape[:3]
+    r = ref.float()
+    err = torch.empty(H, C, dtype=torch.float32, device=out.device)
+    r_abs = r.abs().sum(dim=(0, 2, 3)).clamp_min(1e-30)
+    r_sq = r.square().sum(dim=(0, 2, 3)).clamp_min(1e-30)
+    for c in range(C):  # one candidate at a time bounds the fp32 temporaries
+        o = out[:, :, c].float()
+        if metric == "l1":
+            err[:, c] = (o - r).abs().sum(dim=(0, 2, 3)) / r_abs
+        elif metric == "rmse":
+            err[:, c] = ((o - r).square().sum(dim=(0, 2, 3)) / r_sq).sqrt()
+        else:
+            dot = (o * r).sum(dim=(0, 2, 3))
+            err[:, c] = 1.0 - dot / (o.square().sum(dim=(0, 2, 3)).sqrt() * r_sq.sqrt()).clamp_min(1e-30)
+    return err
+
+
+class _Problem:
+    """One attention call's tensors and options; evaluates [H, C] candidate grids."""
+
+    def __init__(self, q, k, v, ref, attn_kwargs: Dict[str, Any], metric: str, mode: str):
+        self.q, self.k, self.v, self.ref = q, k, v, ref
+        self.kw = attn_kwargs
+        self.metric, self.mode = metric, mode
+        self._wide: Tuple[int, Optional[torch.Tensor]] = (0, None)
+
+    def _queries(self, C: int) -> torch.Tensor:
+        if C == 1:
+            return self.q
+        if self._wide[0] != C:
+            B, H, L, D = self.q.shape
+            self._wide = (0, None)  # free the previous copy first
+            self._wide = (C, self.q[:, :, None].expand(B, H, C, L, D).reshape(B, H * C, L, D))
+        return self._wide[1]
+
+    def evaluate(self, sim: torch.Tensor, sel: torch.Tensor, pv: Optional[torch.Tensor]):
+        """sim/sel/pv [H, C] -> (error, density, pv_skip), each [H, C]."""
+        H, C = sel.shape
+        q = self._queries(C)
+        sel_kw = {"cdf_threshold": sel.reshape(-1)} if self.mode == "cdf" else {"topk": sel.reshape(-1)}
+        out, st = _fn.attn(q, self.k, self.v, sim_threshold=sim.reshape(-1),
+                           pv_threshold=None if pv is None else pv.reshape(-1), enable_gqa=True,
+                           auto_dense=False, return_stats=True, **sel_kw, **self.kw)
+        B = q.shape[0]
+        err = _head_errors(out.view(B, H, C, *out.shape[2:]), self.ref, self.metric)
+        dens = st["density"].float().mean(0).view(H, C)
+        skip = st["pv_skip_fraction"].float().mean(0).view(H, C)
+        return err, dens, skip
+
+
+def _x_to_sel(x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "cdf":
+        return 1.0 - torch.pow(10.0, -x)
+    return x
+
+
+def _auto_sims(q, k, bq: int, bk: int) -> torch.Tensor:
+    """Per-head θ candidates [Hq, 1 + len(_AUTO_SIM_QUANTILES)]: off (-0.1, every
+    block selective) and the low quantiles of the head's block self-similarities
+    (θ at quantile p makes about a fraction p of the blocks fixed)."""
+    from . import reference
+
+    Hq, Hkv = q.shape[1], k.shape[1]
+    qsim = reference.block_similarity(q.float(), bq)  # [B, Hq, nq]
+    kf = k.float()
+    ksim = reference.block_similarity(kf - kf.mean(dim=2, keepdim=True), bk).repeat_interleave(Hq // Hkv, dim=1)
+    allsim = torch.cat([qsim, ksim], dim=2).transpose(0, 1).reshape(Hq, -1)  # [Hq, B*(nq+nk)]
+    qs = torch.tensor(_AUTO_SIM_QUANTILES, dtype=torch.float32, device=q.device)
+    cand = torch.quantile(allsim, qs, dim=1).T  # [Hq, n]
+    return torch.cat([torch.full((Hq, 1), -0.1, device=q.device), cand], dim=1).contiguous()
+
+
+def _search(prob: _Problem, H: int, device, target: float, sim: torch.Tensor, pvs: Sequence[float],
+            pv_share: float, steps: int) -> Dict[str, torch.Tensor]:
+    C = sim.shape[1]
+    mode = prob.mode
+    budget = target * (1.0 - pv_share) if pvs else target
+    lo = torch.zeros(H, C, device=device)
+    hi = torch.full((H, C), _CDF_X_MAX if mode == "cdf" else 1.0, device=device)
+    best_sel = torch.ones(H, C, device=device)
+    best_dens = torch.ones(H, C, device=device)
+    curve_sel, curve_dens, curve_err = [], [], []
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        sel = _x_to_sel(mid, mode).clamp(1e-6, 1.0)
+        err, dens, _ = prob.evaluate(sim, sel, None)
+        ok = err <= budget
+        better = ok & (dens <= best_dens)
+        best_sel = torch.where(better, sel, best_sel)
+        best_dens = torch.where(better, dens, best_dens)
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+        curve_sel.append(sel)
+        curve_dens.append(dens)
+        curve_err.append(err)
+    # per head, the theta whose best selection computes the fewest blocks
+    pick = best_dens.argmin(dim=1, keepdim=True)  # first (lowest theta) on ties
+    sim_h = sim.gather(1, pick)  # [H, 1]
+    sel_h = best_sel.gather(1, pick)
+    pv_h = torch.full((H, 1), math.inf, device=device)
+    if pvs:
+        P = len(pvs)
+        lam = torch.tensor(list(pvs), dtype=torch.float32, device=device)[None].expand(H, P).contiguous()
+        err, dens, skip = prob.evaluate(sim_h.expand(H, P).contiguous(), sel_h.expand(H, P).contiguous(), lam)
+        ok = err <= target
+        # smallest feasible lambda skips the most
+        lam_ok = torch.where(ok, lam, torch.full_like(lam, math.inf))
+        pv_h = lam_ok.min(dim=1, keepdim=True).values
+    # verify the chosen values; a head over the target goes dense
+    pv_arg = None if bool(torch.isinf(pv_h).all()) else pv_h
+    err, dens, skip = prob.evaluate(sim_h, sel_h, pv_arg)
+    bad = err > target
+    if bool(bad.any()):
+        sel_h = torch.where(bad, torch.ones_like(sel_h), sel_h)
+        pv_h = torch.where(bad, torch.full_like(pv_h, math.inf), pv_h)
+        pv_arg = None if bool(torch.isinf(pv_h).all()) else pv_h
+        err, dens, skip = prob.evaluate(sim_h, sel_h, pv_arg)
+    return {
+        "sim": sim_h[:, 0], "sel": sel_h[:, 0], "pv": pv_h[:, 0], "error": err[:, 0], "density": dens[:, 0],
+        "pv_skip": skip[:, 0], "curve_sim": sim, "curve_sel": torch.stack(curve_sel),
+        "curve_density": torch.stack(curve_dens), "curve_error": torch.stack(curve_err),
+    }
+
+
+def _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps):
+    _fn._check_number(target, "target", 0.0, math.inf, lo_open=True)
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if isinstance(sim_candidates, str):
+        if sim_candidates != "auto":
+            raise ValueError(f"sim_candidates: expected 'auto' or a sequence of floats, got {sim_candidates!r}")
+        sims = "auto"
+    else:
+        sims = tuple(sim_candidates)
+        if not sims:
+            raise ValueError("sim_candidates: needs at least one value")
+        for x in sims:
+            _fn._check_number(x, "sim_candidates")
+    pvs = tuple(pv_candidates or ())
+    for x in pvs:
+        _fn._check_number(x, "pv_candidates", 0.0)
+    _fn._check_number(pv_share, "pv_share", 0.0, 1.0)
+    if pv_share >= 1.0 and pvs:
+        raise ValueError("pv_share: must be < 1 when pv_candidates are searched")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 30:
+        raise ValueError(f"steps: expected an int in [1, 30], got {steps!r}")
+    return sims, pvs
+
+
+def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, scale=None,
+                    enable_gqa: bool = False, *, target: float = 0.05, metric: str = "l1", mode: str = "cdf",
+                    sim_candidates=DEFAULT_SIM_CANDIDATES,
+                    pv_candidates: Optional[Sequence[float]] = DEFAULT_PV_CANDIDATES, pv_share: float = 0.2,
+                    steps: int = 8, layout: str = "bhsd", causal_alignment: str = "top_left",
+                    precision: str = "auto", reference: Optional[torch.Tensor] = None,
+                    path: str = "") -> LayerCalibration:
+    """Calibrate one attention call (SDPA arguments) and return the per-head
+    choice with what it achieved. ``reference`` is the dense output (computed
+    with torch SDPA when not given)."""
+    sims, pvs = _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps)
+    q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
+    causal = _fn._causal_mode(is_causal, causal_alignment)
+    s = _fn._resolve_scale(scale, q.shape[3])
+    _fn._check_precision(precision)
+    B, H, Lq, D = q.shape
+    if attn_mask is not None:
+        kpad, reason = _fn._key_padding(attn_mask, B, H, Lq, k.shape[2])
+        if reason is not None:
+            raise ValueError(f"attn_mask: calibration needs a mask sparge runs natively; this one is {reason}")
+    reason = _fn._native_reason(q.device, D, v.shape[3], q.dtype, precision)
+    if reason is not None:
+        raise ValueError(f"query: sparge has no kernel for this call ({reason}); nothing to calibrate")
+    if reference is None:
+        with _suspended():
+            reference = _fn._sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, "bhsd", False, False)
+    elif layout == "bshd":
+        reference = reference.transpose(1, 2)
+    kw = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": s, "causal_alignment": causal_alignment,
+          "precision": precision}
+    prob = _Problem(q, k, v, reference, kw, metric, mode)
+    with torch.no_grad(), _suspended():
+        if sims == "auto":
+            bq, bk = _fn._block_size(None, q, k, v, precision)
+            sim = _auto_sims(q, k, bq, bk)
+        else:
+            sim = torch.tensor(sims, dtype=torch.float32, device=q.device)[None].expand(H, len(sims)).contiguous()
+        res = _search(prob, H, q.device, target, sim, pvs, pv_share, steps)
+    res = {n: t.detach().cpu() for n, t in res.items()}
+    return LayerCalibration(path=path, num_heads=H, mode=mode, sim_threshold=res["sim"], selection=res["sel"],
+                            pv_threshold=res["pv"], density=res["density"], error=res["error"],
+                            pv_skip=res["pv_skip"],
+                            curve={"sim": res["curve_sim"], "selection": res["curve_sel"],
+                                   "density": res["curve_density"], "error": res["curve_error"]})
+
+
+# --------------------------------------------------------------------------
+# Capture: attention calls of a running model, by module path
+# --------------------------------------------------------------------------
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def _suspended():
+    """Attention calls made by calibration itself are not captured."""
+    prev = getattr(_state, "suspended", False)
+    _state.suspended = True
+    try:
+        yield
+    finally:
+        _state.suspended = prev
+
+
+class _Capture:
+    def __init__(self, model, on_call: Callable, orig_sdpa):
+        self.model = model
+        self.on_call = on_call
+        self.orig_sdpa = orig_sdpa
+        self.stack: List[str] = []
+        self.handles = []
+        self.counter = 0
+
+    def path(self) -> str:
+        if self.stack:
+            return self.stack[-1]
+        self.counter += 1
+        return f"attention.{self.counter - 1}"
+
+    def install(self):
+        if isinstance(self.model, torch.nn.Module):
+            for name, mod in self.model.named_modules():
+                if not name:
+                    continue
+                self.handles.append(mod.register_forward_pre_hook(self._push(name)))
+                self.handles.append(mod.register_forward_hook(self._pop, always_call=True))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _push(self, name):
+        def hook(mod, args):
+            self.stack.append(name)
+        return hook
+
+    def _pop(self, mod, args, out):
+        if self.stack:
+            self.stack.pop()
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        kw = {"enable_gqa": True} if enable_gqa else {}
+        out = self.orig_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                             scale=scale, **kw)
+        if not getattr(_state, "suspended", False):
+            self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, "bhsd",
+                         "top_left", out)
+        return out
+
+    def sparge_attn(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
+                    causal_alignment):
+        """Observer for sparge.attn calls (models already routed to sparge):
+        returns the dense output, calibrating on the way."""
+        if getattr(_state, "suspended", False):
+            return None
+        q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
+        causal = _fn._causal_mode(is_causal, causal_alignment)
+        s = _fn._resolve_scale(scale, q.shape[3])
+        with _suspended():
+            out = _fn._sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, False, False)
+        self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
+                     causal_alignment, out)
+        return out
+
+
+def _merge(records: List[LayerCalibration]) -> LayerConfig:
+    """Per head the maximum of each value: each only computes more."""
+    sim = torch.stack([r.sim_threshold for r in records]).amax(0)
+    sel = torch.stack([r.selection for r in records]).amax(0)
+    pv = torch.stack([r.pv_threshold for r in records]).amax(0)
+    return _to_layer_config(records[0].mode, sim, sel, pv)
+
+
+def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any]] = None, target: float = 0.05,
+              metric: str = "l1", mode: str = "cdf", sim_candidates=DEFAULT_SIM_CANDIDATES,
+              pv_candidates: Optional[Sequence[float]] = DEFAULT_PV_CANDIDATES, pv_share: float = 0.2,
+              steps: int = 8, layers: Optional[Callable[[str], bool]] = None,
+              max_calls_per_layer: Optional[int] = None, min_queries: int = 1, precision: str = "auto",
+              progress: bool = True) -> CalibrationResult:
+    """Run ``model`` on each of ``inputs`` and calibrate every attention call.
+
+    ``model``: an ``nn.Module`` (calls are keyed by the path, in
+    ``model.named_modules()``, of the innermost module running when attention
+    is called — what the integrations look up) or any callable (calls are then
+    keyed ``attention.<n>`` in call order). Each input is passed as
+    ``run(model, x)`` when ``run`` is given, else ``model(*x)`` for a tuple,
+    ``model(**x)`` for a dict, ``model(x)`` otherwise, under ``torch.no_grad()``.
+    Attention calls are captured from ``torch.nn.functional.scaled_dot_product_attention``
+    and from ``sparge.attn`` (models already patched to sparge run dense while
+    calibrating). ``layers`` filters module paths; ``max_calls_per_layer``
+    bounds the calls calibrated per layer (e.g. diffusion steps); calls with
+    fewer than ``min_queries`` query rows (decode steps) are skipped.
+    Returns a ``CalibrationResult`` whose ``config`` is the merged ``SpargeConfig``.
+    """
+    sims, pvs = _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps)
+    if max_calls_per_layer is not None and (not isinstance(max_calls_per_layer, int) or max_calls_per_layer < 1):
+        raise ValueError(f"max_calls_per_layer: expected a positive int or None, got {max_calls_per_layer!r}")
+    if not callable(model):
+        raise TypeError(f"model: expected an nn.Module or a callable, got {type(model).__name__}")
+    records: List[LayerCalibration] = []
+    per_layer: Dict[str, int] = {}
+    skipped: Dict[str, int] = {}
+    bar = _progress(inputs, progress)
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    def on_call(path, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout, alignment, out):
+        if layers is not None and not layers(path):
+            return skip("filtered out by layers")
+        if query.dim() != 4 or key.dim() != 4:
+            return skip("not 4-D")
+        if dropout_p and dropout_p > 0:
+            return skip("dropout")
+        seq_dim = 2 if layout == "bhsd" else 1
+        if query.shape[seq_dim] < min_queries:
+            return skip("fewer than min_queries query rows")
+        if max_calls_per_layer is not None and per_layer.get(path, 0) >= max_calls_per_layer:
+            return skip("max_calls_per_layer reached")
+        try:
+            head_dim = 1 if layout == "bhsd" else 2
+            rec = calibrate_layer(query, key, value, attn_mask, is_causal, scale,
+                                  enable_gqa or query.shape[head_dim] != key.shape[head_dim],
+                                  target=target, metric=metric, mode=mode, sim_candidates=sims, pv_candidates=pvs,
+                                  pv_share=pv_share, steps=steps, layout=layout, causal_alignment=alignment,
+                                  precision=precision, reference=out, path=path)
+        except ValueError as e:
+            return skip(str(e).split(";")[0])
+        records.append(rec)
+        per_layer[path] = per_layer.get(path, 0) + 1
+        if bar is not None:
+            bar.set_postfix(layers=len(per_layer), calls=len(records))
+
+    orig = F.scaled_dot_product_attention
+    cap = _Capture(model, on_call, orig)
+    cap.install()
+    F.scaled_dot_product_attention = cap.sdpa
+    prev_observer = _fn._observer
+    _fn._observer = cap.sparge_attn
+    try:
+        with torch.no_grad():
+            for x in (bar if bar is not None else inputs):
+                if run is not None:
+                    run(model, x)
+                elif isinstance(x, tuple):
+                    model(*x)
+                elif isinstance(x, dict):
+                    model(**x)
+                else:
+                    model(x)
+    finally:
+        F.scaled_dot_product_attention = orig
+        _fn._observer = prev_observer
+        cap.remove()
+        if bar is not None:
+            bar.close()
+    by_path: Dict[str, List[LayerCalibration]] = {}
+    for r in records:
+        by_path.setdefault(r.path, []).append(r)
+    for path, recs in by_path.items():
+        if len({r.num_heads for r in recs}) > 1:
+            raise ValueError(f"model: layer {path!r} was called with different head counts "
+                             f"{sorted({r.num_heads for r in recs})}")
+    config = SpargeConfig({p: _merge(rs) for p, rs in by_path.items()},
+                          metadata={"target": target, "metric": metric, "mode": mode,
+                                    "calls": {p: len(rs) for p, rs in by_path.items()}})
+    if skipped:
+        log.info("sparge.calibrate: calls not calibrated: %s", skipped)
+    return CalibrationResult(config=config, records=records, target=target, metric=metric, mode=mode,
+                             skipped=skipped)
+
+
+def _progress(inputs, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    total = len(inputs) if hasattr(inputs, "__len__") else None
+    return tqdm(inputs, total=total, desc="sparge calibrate", unit="input", leave=False)

@@ -1,0 +1,121 @@
+"""Plots (matplotlib, an optional dependency: ``pip install sparge[plot]``).
+
+- ``plot_block_mask``: one head's block mask;
+- ``plot_density``: density per layer and head of a calibration run (heat map);
+- ``plot_tradeoff``: density-vs-error points the calibration search evaluated,
+  with the chosen point of every head.
+
+Each takes ``path`` (writes a PNG and returns None) or ``ax`` (draws there).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .calibration import CalibrationResult
+
+__all__ = ["plot_block_mask", "plot_density", "plot_tradeoff"]
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("sparge.viz needs matplotlib: pip install 'sparge[plot]'") from None
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, path, plt):
+    if path is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def plot_block_mask(mask: torch.Tensor, head: int = 0, batch: int = 0, path=None, ax=None, title: Optional[str] = None):
+    """Draw ``mask[batch, head]`` (a ``[B, H, nq, nk]`` bool block mask; black = computed)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ValueError(f"mask: expected a [B, H, nq, nk] tensor, got {getattr(mask, 'shape', type(mask))}")
+    if not 0 <= batch < mask.shape[0] or not 0 <= head < mask.shape[1]:
+        raise ValueError(f"head/batch: ({head}, {batch}) outside mask shape {tuple(mask.shape)}")
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+    m = mask[batch, head].detach().cpu().float().numpy()
+    ax.imshow(m, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_title(title or f"block mask, head {head}: density {m.mean():.3f} (black = computed)")
+    ax.set_xlabel("k-block")
+    ax.set_ylabel("q-block")
+    _finish(fig, path, plt)
+    return ax
+
+
+def _density_grid(result: "CalibrationResult"):
+    """[layers, heads] mean density per layer path (in first-call order)."""
+    paths, rows = [], {}
+    for r in result.records:
+        if r.path not in rows:
+            paths.append(r.path)
+            rows[r.path] = []
+        rows[r.path].append(r.density.float())
+    H = max(len(rows[p][0]) for p in paths)
+    grid = torch.full((len(paths), H), float("nan"))
+    for i, p in enumerate(paths):
+        d = torch.stack(rows[p]).mean(0)
+        grid[i, :len(d)] = d
+    return paths, grid
+
+
+def plot_density(result: "CalibrationResult", path=None, ax=None):
+    """Heat map of the calibrated density per layer (rows) and head (columns)."""
+    if not result.records:
+        raise ValueError("result: has no calibrated calls to plot")
+    plt = _plt()
+    paths, grid = _density_grid(result)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(min(14, 3 + 0.35 * grid.shape[1]), min(14, 1.5 + 0.3 * len(paths))))
+    im = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    if len(paths) <= 40:
+        ax.set_yticks(range(len(paths)))
+        ax.set_yticklabels(paths, fontsize=7)
+    ax.set_title(f"density after calibration (mean {grid.nanmean():.3f}; target {result.metric} "
+                 f"<= {result.target})")
+    ax.figure.colorbar(im, ax=ax, label="computed / allowed blocks")
+    _finish(fig, path, plt)
+    return ax
+
+
+def plot_tradeoff(result: "CalibrationResult", path=None, ax=None):
+    """Sparsity (1 - density) against error for every point the search
+    evaluated (grey) and the chosen value of each head (colour)."""
+    if not result.records:
+        raise ValueError("result: has no calibrated calls to plot")
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    d = torch.cat([r.curve["density"].reshape(-1) for r in result.records])
+    e = torch.cat([r.curve["error"].reshape(-1) for r in result.records])
+    ax.scatter((1 - d).numpy(), e.numpy(), s=4, c="0.7", label="evaluated (head, θ, τ)")
+    cd = torch.cat([r.density for r in result.records])
+    ce = torch.cat([r.error for r in result.records])
+    ax.scatter((1 - cd).numpy(), ce.numpy(), s=14, c="tab:red", label="chosen per head")
+    ax.axhline(result.target, color="k", lw=0.8, ls="--", label=f"target {result.target}")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=max(1e-4, float(e[e > 0].min()) if bool((e > 0).any()) else 1e-4))
+    ax.set_xlabel("sparsity (1 - density)")
+    ax.set_ylabel(f"error vs dense ({result.metric})")
+    ax.set_title("sparsity vs error, calibration search")
+    ax.legend(fontsize=8, loc="upper left")
+    _finish(fig, path, plt)
+    return ax
