@@ -227,3 +227,15 @@ def test_calibrate_layer_cuda():
     # same on the CPU backend within the error target's resolution
     lc = rec.layer_config()
     assert isinstance(lc, LayerConfig) and lc.num_heads == 4
+
+
+def test_bench_calibrate_tiny(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_calibrate.py"), "--tiny", "--device", "cpu",
+                        "--csv", str(tmp_path / "c.csv")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "calibration wall time" in r.stdout
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert len(lines) == 3 and "heldout_density" in lines[0]
