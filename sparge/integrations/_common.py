@@ -1,0 +1,291 @@
+"""What the integrations share: option checks, the per-call context (module
+path, layer config, Hilbert grid, stats), the sparse call with causal + key
+padding, density bookkeeping and once-per-reason fallback warnings.
+
+Nothing here imports transformers or diffusers.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import Counter
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Keyword options of sparge.attn an integration may set for every call it routes.
+ATTN_OPTIONS = ("topk", "cdf_threshold", "sim_threshold", "pv_threshold", "attention_sink", "precision",
+                "auto_dense")
+_SELECTION = ("topk", "cdf_threshold")
+
+_fallbacks: Counter = Counter()
+_fallback_lock = threading.Lock()
+
+
+def fallback_counts() -> Dict[str, int]:
+    """How often each integration fallback reason was taken (see also ``sparge.fallback_counts()``)."""
+    with _fallback_lock:
+        return dict(_fallbacks)
+
+
+def reset_fallback_counts() -> None:
+    with _fallback_lock:
+        _fallbacks.clear()
+
+
+def note_fallback(where: str, reason: str) -> None:
+    """Count a fallback and warn the first time this reason is seen."""
+    key = f"{where}: {reason}"
+    with _fallback_lock:
+        first = key not in _fallbacks
+        _fallbacks[key] += 1
+    if first:
+        warnings.warn(f"sparge: {where} falls back to the dense implementation: {reason}", RuntimeWarning,
+                      stacklevel=3)
+
+
+def check_options(options: Mapping[str, Any], where: str = "attn_options") -> Dict[str, Any]:
+    """The sparge.attn keyword options an integration accepts; TypeError names an unknown one."""
+    unknown = sorted(set(options) - set(ATTN_OPTIONS))
+    if unknown:
+        raise TypeError(f"{where}: unknown option(s) {unknown}; allowed: {', '.join(ATTN_OPTIONS)}")
+    if all(options.get(name) is not None for name in _SELECTION):
+        raise ValueError(f"{where}: give either topk or cdf_threshold, not both")
+    return {k: v for k, v in options.items() if v is not None or k == "pv_threshold"}
+
+
+def check_config(config, where: str = "config"):
+    from ..config import LayerConfig, SpargeConfig
+
+    if config is None or isinstance(config, (SpargeConfig, LayerConfig)):
+        return config
+    raise TypeError(f"{where}: expected a sparge.SpargeConfig, a sparge.LayerConfig or None, "
+                    f"got {type(config).__name__}")
+
+
+def layer_config(config, path: str):
+    """The LayerConfig for ``path``: a SpargeConfig's entry (or default), a LayerConfig as is."""
+    from ..config import SpargeConfig
+
+    if isinstance(config, SpargeConfig):
+        return config.layer(path)
+    return config
+
+
+def check_grid(grid, where: str = "hilbert_grid") -> Optional[Tuple[int, ...]]:
+    if grid is None:
+        return None
+    if (not isinstance(grid, (tuple, list)) or len(grid) not in (2, 3)
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
+        raise ValueError(f"{where}: expected (H, W) or (T, H, W) positive ints in tokens, got {grid!r}")
+    return tuple(int(g) for g in grid)
+
+
+# --------------------------------------------------------------------------
+# Density bookkeeping
+# --------------------------------------------------------------------------
+class StatsRecorder:
+    """Blocks kept / allowed per module path, summed on the device (no host
+    sync until read)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sums: Dict[str, List[torch.Tensor]] = {}
+        self._calls: Counter = Counter()
+
+    def add(self, path: str, stats: Mapping[str, torch.Tensor]) -> None:
+        kept = stats["blocks_kept"].sum()
+        allowed = stats["blocks_allowed"].sum()
+        skipped = stats["pv_skipped"].sum()
+        units = stats["pv_units"].sum()
+        with self._lock:
+            cur = self._sums.get(path)
+            if cur is None or cur[0].device != kept.device:
+                self._sums[path] = [kept, allowed, skipped, units]
+            else:
+                self._sums[path] = [cur[0] + kept, cur[1] + allowed, cur[2] + skipped, cur[3] + units]
+            self._calls[path] += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._sums.clear()
+            self._calls.clear()
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """{path: {"density", "pv_skip_fraction", "calls"}} plus "total" over all paths."""
+        with self._lock:
+            sums = {p: [int(t.item()) for t in v] for p, v in self._sums.items()}
+            calls = dict(self._calls)
+        out: Dict[str, Dict[str, float]] = {}
+        tot = [0, 0, 0, 0]
+        for path, (kept, allowed, skipped, units) in sums.items():
+            out[path] = {"density": kept / max(allowed, 1), "pv_skip_fraction": skipped / max(units, 1),
+                         "calls": calls[path]}
+            tot = [a + b for a, b in zip(tot, (kept, allowed, skipped, units))]
+        if sums:
+            out["total"] = {"density": tot[0] / max(tot[1], 1), "pv_skip_fraction": tot[2] / max(tot[3], 1),
+                            "calls": sum(calls.values())}
+        return out
+
+
+# --------------------------------------------------------------------------
+# The per-call context
+# --------------------------------------------------------------------------
+class CallContext:
+    """What a routed attention call needs to know about its caller."""
+
+    __slots__ = ("path", "config", "options", "grid", "text_first", "stats", "where")
+
+    def __init__(self, path: Optional[str] = None, config=None, options: Optional[Dict[str, Any]] = None,
+                 grid: Optional[Tuple[int, ...]] = None, text_first: Optional[bool] = None,
+                 stats: Optional[StatsRecorder] = None, where: str = "sparge"):
+        self.path = path
+        self.config = config          # a LayerConfig (already looked up) or None
+        self.options = options or {}
+        self.grid = grid
+        self.text_first = text_first
+        self.stats = stats
+        self.where = where
+
+
+_local = threading.local()
+
+
+def context_stack() -> list:
+    s = getattr(_local, "stack", None)
+    if s is None:
+        s = _local.stack = []
+    return s
+
+
+def current_context() -> Optional[CallContext]:
+    s = getattr(_local, "stack", None)
+    return s[-1] if s else None
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------
+# Running attention
+# --------------------------------------------------------------------------
+def _visual_offset(L: int, n: int, text_first: Optional[bool]) -> Optional[int]:
+    """Where the n visual tokens start in a sequence of L tokens, None when unknown."""
+    if L == n:
+        return 0
+    if L < n or text_first is None:
+        return None
+    return L - n if text_first else 0
+
+
+def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
+                  enable_gqa: bool = False, layout: str = "bhsd", causal_alignment: str = "top_left",
+                  ctx: Optional[CallContext] = None):
+    """sparge.attn with the context's options and layer config, Hilbert
+    reordering of the visual tokens when the context has a grid, and density
+    recorded when it has a recorder."""
+    from .. import functional
+
+    ctx = ctx or CallContext()
+    seq = 2 if layout == "bhsd" else 1
+    qo = ko = None
+    if ctx.grid is not None and attn_mask is None and not is_causal:
+        from .. import hilbert
+
+        n = math.prod(ctx.grid)
+        qo = _visual_offset(q.shape[seq], n, ctx.text_first)
+        ko = _visual_offset(k.shape[seq], n, ctx.text_first)
+        if qo is None and ko is None:
+            note_fallback(ctx.where, f"no Hilbert reordering for a call of {q.shape[seq]} tokens and a grid of {n} "
+                                     "(pass text_first= to say where the text tokens are)")
+        if qo is not None:
+            q = hilbert.reorder(q, ctx.grid, offset=qo, layout=layout)
+        if ko is not None:  # keys and values together: attention does not depend on key order
+            k = hilbert.reorder(k, ctx.grid, offset=ko, layout=layout)
+            v = hilbert.reorder(v, ctx.grid, offset=ko, layout=layout)
+    want_stats = ctx.stats is not None
+    res = functional.attn(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout=layout,
+                          config=ctx.config, return_stats=want_stats, causal_alignment=causal_alignment,
+                          **ctx.options)
+    out = res
+    if want_stats:
+        out, st = res
+        ctx.stats.add(ctx.path or "<unnamed>", st)
+    if qo is not None:
+        from .. import hilbert
+
+        out = hilbert.restore(out, ctx.grid, offset=qo, layout=layout)
+    return out
+
+
+def _merged_options(ctx: CallContext, num_heads: int, device) -> Dict[str, Any]:
+    """ctx.options with the layer config's values on top (as sparge.attn does)."""
+    opts = dict(ctx.options)
+    if ctx.config is not None:
+        from ..config import resolve
+
+        over = resolve(ctx.config, num_heads, device)
+        for name in ("sim_threshold", "pv_threshold"):
+            if name in over:
+                opts[name] = over[name]
+        for mine, other in (("cdf_threshold", "topk"), ("topk", "cdf_threshold")):
+            if over.get(mine) is not None:
+                opts[mine] = over[mine]
+                opts.pop(other, None)
+    return opts
+
+
+def causal_mask(Lq: int, Lk: int, alignment: str, device) -> torch.Tensor:
+    """[Lq, Lk] bool, True where query i sees key j."""
+    from ..reference import last_visible_key
+
+    e = last_visible_key(Lq, Lk, alignment, device)
+    return torch.arange(Lk, device=device)[None, :] <= e[:, None]
+
+
+def attention(q, k, v, *, causal: Optional[str], key_padding: Optional[torch.Tensor], scale=None,
+              ctx: Optional[CallContext] = None, sdpa=None):
+    """[B, H, L, D] attention with an optional causal alignment and key padding
+    ([B, Lk] bool, True = attend), natively in sparge where it can."""
+    from .. import functional
+
+    ctx = ctx or CallContext()
+    enable_gqa = q.shape[1] != k.shape[1]
+    if key_padding is None or causal is None:
+        mask = None if key_padding is None else key_padding[:, None, None, :]
+        return run_sdpa_like(q, k, v, attn_mask=mask, is_causal=causal is not None, scale=scale,
+                             enable_gqa=enable_gqa, causal_alignment=causal or "top_left", ctx=ctx)
+    # sparge.attn takes is_causal or a key-padding mask, not both: run its two
+    # stages here, which take both
+    B, Hq, Lq, D = q.shape
+    opts = _merged_options(ctx, Hq, q.device)
+    precision = opts.get("precision", "auto")
+    try:
+        functional.block_shape(q.device, D, precision, q.dtype, v.shape[3])
+    except functional._lib.NotSupportedError as e:
+        note_fallback(ctx.where, f"no sparge kernel here ({e})")
+        sdpa = sdpa or F.scaled_dot_product_attention
+        mask = causal_mask(Lq, k.shape[2], causal, q.device)[None, None] & key_padding[:, None, None, :]
+        out = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+        return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    pred = {n: opts[n] for n in ("topk", "cdf_threshold", "sim_threshold", "attention_sink") if n in opts}
+    block_mask = functional.predict(q, k, is_causal=True, causal_alignment=causal, scale=scale,
+                                    enable_gqa=enable_gqa, precision=precision, **pred)
+    want_stats = ctx.stats is not None
+    res = functional.block_sparse_attn(q, k, v, block_mask, is_causal=True, causal_alignment=causal, scale=scale,
+                                       enable_gqa=enable_gqa, key_padding_mask=key_padding,
+                                       pv_threshold=opts.get("pv_threshold"), precision=precision,
+                                       return_stats=want_stats)
+    if not want_stats:
+        return res
+    out, st = res
+    ctx.stats.add(ctx.path or "<unnamed>", st)
+    return out
+
+
+def find_modules(model: torch.nn.Module, types: Sequence[type]) -> List[Tuple[str, torch.nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, tuple(types))]
