@@ -9,6 +9,7 @@ from ._lib import NotSupportedError, SpargeError
 from .calibration import CalibrationResult, calibrate, calibrate_layer
 from .config import ConfigError, LayerConfig, SpargeConfig
 from .functional import attn, block_shape, block_sparse_attn, fallback_counts, predict, reset_fallback_counts
+from .integrations.sdpa import patch_sdpa
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "calibrate",
     "calibrate_layer",
     "CalibrationResult",
+    "patch_sdpa",
     "cuda_available",
 ]
 
