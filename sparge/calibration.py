@@ -74,6 +74,7 @@ class LayerCalibration:
     error: torch.Tensor              # [H] achieved, chosen values
     pv_skip: torch.Tensor            # [H] fraction of PV units skipped
     curve: Dict[str, torch.Tensor] = field(default_factory=dict)  # "sim" [H, C], "selection"/"density"/"error" [S, H, C]
+    device_type: str = "cpu"
 
     def layer_config(self) -> LayerConfig:
         return _to_layer_config(self.mode, self.sim_threshold, self.selection, self.pv_threshold)
@@ -320,7 +321,8 @@ def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, 
                             pv_threshold=res["pv"], density=res["density"], error=res["error"],
                             pv_skip=res["pv_skip"],
                             curve={"sim": res["curve_sim"], "selection": res["curve_sel"],
-                                   "density": res["curve_density"], "error": res["curve_error"]})
+                                   "density": res["curve_density"], "error": res["curve_error"]},
+                            device_type=q.device.type)
 
 
 # --------------------------------------------------------------------------
@@ -415,7 +417,7 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
               pv_candidates: Optional[Sequence[float]] = DEFAULT_PV_CANDIDATES, pv_share: float = 0.2,
               steps: int = 8, layers: Optional[Callable[[str], bool]] = None,
               max_calls_per_layer: Optional[int] = None, min_queries: int = 1, precision: str = "auto",
-              progress: bool = True) -> CalibrationResult:
+              dense_above="auto", progress: bool = True) -> CalibrationResult:
     """Run ``model`` on each of ``inputs`` and calibrate every attention call.
 
     ``model``: an ``nn.Module`` (calls are keyed by the path, in
@@ -429,11 +431,19 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
     calibrating). ``layers`` filters module paths; ``max_calls_per_layer``
     bounds the calls calibrated per layer (e.g. diffusion steps); calls with
     fewer than ``min_queries`` query rows (decode steps) are skipped.
+    A layer whose calibrated density (mean over heads and calls) exceeds
+    ``dense_above`` is written as dense (``topk=1.0``: exact, and on the GPU
+    dispatched to torch's dense kernel, which is faster there); ``"auto"`` is
+    0.5 when the calls ran on a GPU and off (None) on the CPU, where the sparse
+    kernel is never slower than dense.
     Returns a ``CalibrationResult`` whose ``config`` is the merged ``SpargeConfig``.
     """
     sims, pvs = _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps)
     if max_calls_per_layer is not None and (not isinstance(max_calls_per_layer, int) or max_calls_per_layer < 1):
         raise ValueError(f"max_calls_per_layer: expected a positive int or None, got {max_calls_per_layer!r}")
+    if not (dense_above in ("auto", None) or (isinstance(dense_above, (int, float)) and not isinstance(
+            dense_above, bool) and 0.0 <= dense_above <= 1.0)):
+        raise ValueError(f"dense_above: expected 'auto', None or a density in [0, 1], got {dense_above!r}")
     if not callable(model):
         raise TypeError(f"model: expected an nn.Module or a callable, got {type(model).__name__}")
     records: List[LayerCalibration] = []
@@ -500,7 +510,15 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
         if len({r.num_heads for r in recs}) > 1:
             raise ValueError(f"model: layer {path!r} was called with different head counts "
                              f"{sorted({r.num_heads for r in recs})}")
-    config = SpargeConfig({p: _merge(rs) for p, rs in by_path.items()},
+    layer_cfgs = {}
+    for p, rs in by_path.items():
+        thr = dense_above
+        if thr == "auto":
+            thr = 0.5 if rs[0].device_type == "cuda" else None
+        mean_density = sum(r.density.mean().item() for r in rs) / len(rs)
+        layer_cfgs[p] = (LayerConfig(topk=1.0, num_heads=rs[0].num_heads) if thr is not None and mean_density > thr
+                         else _merge(rs))
+    config = SpargeConfig(layer_cfgs,
                           metadata={"target": target, "metric": metric, "mode": mode,
                                     "calls": {p: len(rs) for p, rs in by_path.items()}})
     if skipped:

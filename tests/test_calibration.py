@@ -239,3 +239,17 @@ def test_bench_calibrate_tiny(tmp_path):
     assert "calibration wall time" in r.stdout
     lines = (tmp_path / "c.csv").read_text().splitlines()
     assert len(lines) == 3 and "heldout_density" in lines[0]
+
+
+def test_dense_above_writes_dense_layers():
+    model = VideoAttentionModel(layers=2, T=2, Hs=16, Ws=16, heads=2)
+    res = calibrate(model, [0], dense_above=0.0, progress=False)
+    assert all(res.config[p] == LayerConfig(topk=1.0, num_heads=2) for p in res.config)
+    # a dense layer is exact
+    q, k, v = make_video_qkv(2, 16, 16, heads=2, head_dim=64)
+    out = sparge.attn(q, k, v, config=res.config["blocks.0.attn"])
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    # "auto" keeps sparse layers on the CPU
+    assert calibrate(model, [0], progress=False).config["blocks.0.attn"].selection == "cdf"
+    with pytest.raises(ValueError, match="dense_above"):
+        calibrate(model, [0], dense_above=2.0)
