@@ -151,9 +151,9 @@ class LayerConfig:
             if isinstance(v, tuple) and len(set(v)) == 1 and v[0] is not None:
                 v = v[0]  # one value for every head: a float (cached constants, dense-dispatch policy)
             elif isinstance(v, tuple):
+                if all(x is None for x in v):
+                    continue  # PV skip off for every head
                 v = torch.tensor([math.inf if x is None else x for x in v], dtype=torch.float32, device=device)
-                if name == "pv_threshold" and bool(torch.isinf(v).all()):
-                    continue  # off for every head
             kw[name] = v
         if not torch.compiler.is_compiling():
             self._tensors[key] = kw

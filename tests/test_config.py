@@ -124,3 +124,10 @@ def test_pv_threshold_per_head_off():
     lc = LayerConfig(topk=1.0, pv_threshold=[None, 0.0])
     _, st = sparge.attn(q, k, v, config=lc, return_stats=True)
     assert st["pv_skipped"][0, 0] == 0 and st["pv_skipped"][0, 1] > 0
+
+
+def test_layer_config_under_torch_compile():
+    q, k, v = make_video_qkv(2, 16, 16, heads=2, head_dim=64)
+    lc = LayerConfig(sim_threshold=[-0.1, 0.2], cdf_threshold=[0.9, 0.95], pv_threshold=[None, 6.0])
+    f = torch.compile(lambda q, k, v: sparge.attn(q, k, v, config=lc), fullgraph=True)
+    assert torch.equal(f(q, k, v), sparge.attn(q, k, v, config=lc))
