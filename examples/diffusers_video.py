@@ -17,7 +17,7 @@ p.add_argument("--model", help="a Wan checkpoint: runs the pipeline and writes -
                                "WanTransformer3DModel on random latents)")
 p.add_argument("--config", help="a SpargeConfig JSON (from sparge.calibrate); default: the built-in one below")
 p.add_argument("--frames", type=int, default=5, help="latent frames (tiny) / video frames (--model)")
-p.add_argument("--size", type=int, default=48, help="latent side (tiny) / video side in pixels (--model)")
+p.add_argument("--size", type=int, default=32, help="latent side (tiny) / video side in pixels (--model)")
 p.add_argument("--prompt", default="a red fox running through snow, cinematic")
 p.add_argument("--out", default="sparge_video.mp4")
 args = p.parse_args()

@@ -14,7 +14,7 @@ from sparge.integrations import transformers as sparge_tf
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", help="a checkpoint name or path (default: a tiny random Llama built from a config)")
-p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (random ids; long prompts are sparse)")
+p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids; long prompts are sparse)")
 p.add_argument("--new-tokens", type=int, default=8)
 p.add_argument("--topk", type=float, default=0.25, help="fraction of key blocks kept per query block")
 args = p.parse_args()

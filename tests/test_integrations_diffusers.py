@@ -43,11 +43,12 @@ def _no_fallbacks():
 # --------------------------------------------------------------------------
 # Tiny models and their inputs
 # --------------------------------------------------------------------------
-def flux(side=8, text=5, device="cpu", dtype=torch.float32):
+def flux(side=8, text=5, device="cpu", dtype=torch.float32, head_dim=16):
     torch.manual_seed(0)
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
     m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval().to(device, dtype)
+                                         attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, axes_dims_rope=rope).eval().to(device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.zeros(side, side, 3)
     ids[..., 1] = torch.arange(side)[:, None]
@@ -61,9 +62,9 @@ def flux(side=8, text=5, device="cpu", dtype=torch.float32):
     return m, kw, (side, side)
 
 
-def wan(frames=3, side=8, device="cpu", dtype=torch.float32):
+def wan(frames=3, side=8, device="cpu", dtype=torch.float32, head_dim=16):
     torch.manual_seed(0)
-    m = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+    m = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
                                         num_layers=1, rope_max_seq_len=64).eval().to(device, dtype)
     g = torch.Generator().manual_seed(1)
@@ -73,9 +74,9 @@ def wan(frames=3, side=8, device="cpu", dtype=torch.float32):
     return m, kw, (frames, side // 2, side // 2)
 
 
-def cogvideox(frames=3, side=8, device="cpu", dtype=torch.float32):
+def cogvideox(frames=3, side=8, device="cpu", dtype=torch.float32, head_dim=16):
     torch.manual_seed(0)
-    m = diffusers.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+    m = diffusers.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
                                               out_channels=4, time_embed_dim=8, text_embed_dim=32, num_layers=1,
                                               sample_width=side, sample_height=side, sample_frames=4 * frames - 3,
                                               patch_size=2, max_text_seq_length=7,
@@ -149,6 +150,20 @@ def test_dense_with_hilbert_equals_native(name, monkeypatch):
     _no_fallbacks()
     if name in ("flux", "cogvideox"):  # text first: the visual tokens start after the text
         assert any(off > 0 for _, off in calls), calls
+
+
+def test_shared_processor_restored():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    m, kw, _ = flux()
+    shared = FluxAttnProcessor()
+    m.set_attn_processor(shared)
+    ref = _run(m, kw)
+    sdf.apply(m, topk=1.0)
+    assert shared._attention_backend == sdf.backend_member()
+    sdf.remove(m)
+    assert "_attention_backend" not in shared.__dict__ and shared._attention_backend is None
+    assert torch.equal(_run(m, kw), ref)
 
 
 def test_backend_switches_without_apply():
@@ -279,10 +294,10 @@ def test_bad_arguments():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cuda_dense_close_to_native(name):
-    """Sparge's GPU kernels (auto_dense off) against diffusers' native backend, bf16."""
-    builders = {"flux": lambda: flux(side=24, device="cuda", dtype=torch.bfloat16),
-                "wan": lambda: wan(frames=4, side=32, device="cuda", dtype=torch.bfloat16),
-                "cogvideox": lambda: cogvideox(frames=4, side=32, device="cuda", dtype=torch.bfloat16)}
+    """Sparge's GPU kernels (auto_dense off, head dim 64) against diffusers' native backend, bf16."""
+    gpu = dict(device="cuda", dtype=torch.bfloat16, head_dim=64)
+    builders = {"flux": lambda: flux(side=24, **gpu), "wan": lambda: wan(frames=4, side=32, **gpu),
+                "cogvideox": lambda: cogvideox(frames=4, side=32, **gpu)}
     m, kw, grid = builders[name]()
     ref = _run(m, kw).float()
     sdf.apply(m, hilbert_grid=grid, topk=1.0, auto_dense=False)

@@ -200,3 +200,42 @@ def test_cuda_routed_close_to_sdpa():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True).float()
     assert p.stats.summary()["total"]["calls"] == 1
     assert (out - ref).abs().max().item() < 0.03
+
+
+# --------------------------------------------------------------------------
+# The integration examples (test_api.py runs every example with defaults;
+# here with small sizes, checking what they print)
+# --------------------------------------------------------------------------
+EXAMPLES = [
+    ("transformers_llm.py", ["--prompt-len", "256", "--new-tokens", "3"],
+     ["generated tokens equal: 100%", "removed: attn_implementation = 'sdpa'", "model.layers.0.self_attn: density 1.000"]),
+    ("diffusers_video.py", ["--frames", "2", "--size", "16"],
+     ["Hilbert order: density", "output identical to native again: True"]),
+]
+
+
+@pytest.mark.parametrize("script,args,needles", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+def test_integration_example_output(script, args, needles):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers" if "transformers" in script else "diffusers")
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    assert len(path.read_text().splitlines()) < 100, f"{script} is 100 lines or more"
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for n in needles:
+        assert n in r.stdout, f"{script}: {n!r} not in output:\n{r.stdout}"
+
+
+def test_integrations_import_lazily():
+    """import sparge (and its integration modules) imports neither transformers nor diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sparge, sparge.integrations.transformers, sparge.integrations.diffusers; "
+            "print(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout

@@ -18,8 +18,9 @@ from sparge.integrations import fallback_counts, reset_fallback_counts  # noqa: 
 ATOL = 2e-5
 
 
-def _llama(num_layers=2, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+def _llama(num_layers=2, hidden=64, **kw):
+    """Tiny Llama with GQA (4 query heads, 2 KV heads, head dim hidden / 4)."""
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=96, num_hidden_layers=num_layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                                    pad_token_id=0, **kw)
     torch.manual_seed(0)
@@ -128,10 +129,13 @@ def test_mask_is_read_from_its_note_without_comparisons(llama):
     assert len(seen) == 2 and all(s is not None and s[0] == "causal" for s in seen), seen
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("pads", [(0, 0), (0, 6)], ids=["unpadded", "left-padded"])
-def test_generation_with_kv_cache_gives_same_tokens(llama, pads):
+def test_generation_with_kv_cache_gives_same_tokens(llama, pads, cache):
+    """Prefill then q_len=1 decode. The static cache's masks carry no note
+    (tensor offsets): they are decomposed from their values, still natively."""
     ids, mask = _batch(L=21, pads=pads)
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache)
     llama.set_attn_implementation("sdpa")
     with torch.no_grad():
         ref = llama.generate(**kw)
@@ -213,6 +217,8 @@ def test_from_pretrained_and_set_attn_implementation(tmp_path, llama):
         stf.register(topk=0.5)
     _close(out, ref, "from_pretrained(attn_implementation='sparge')")
     _close(out2, ref, "set_attn_implementation('sparge')")
+    stf.remove(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_per_layer_config_and_density():
@@ -318,7 +324,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_llama_teacher_forced_decode_close_to_sdpa(dtype):
     """Prefill (padded) + chunked prefill + decode on the GPU kernels (auto_dense off)."""
-    model = _llama().to("cuda", dtype)
+    model = _llama(hidden=256).to("cuda", dtype)  # head dim 64: a GPU kernel shape
     ids, mask = _batch(L=300, pads=(0, 37))
     ids, mask = ids.cuda(), mask.cuda()
     chunks = [(0, 200), (200, 280), (280, 281), (281, 282), (282, 300)]
@@ -345,19 +351,29 @@ def test_cuda_llama_teacher_forced_decode_close_to_sdpa(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_generation_same_tokens_dense_dispatch():
-    """Default options on a tiny model: small calls take the exact dense path (auto_dense)."""
-    model = _llama().to("cuda", torch.float16)
-    ids, mask = _batch(L=21, pads=(0, 6))
-    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, do_sample=False)
+def test_cuda_generation_same_tokens():
+    """Greedy tokens equal SDPA's; a divergence is accepted only at a near-tie
+    of SDPA's own logits (16-bit kernels round differently)."""
+    model = _llama(hidden=256).to("cuda", torch.float16)
+    ids, mask = _batch(L=300, pads=(0, 37))
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        ref = model.generate(**kw)
-    stf.apply(model, topk=1.0)
+        ref = model.generate(ids, **kw)
+    stf.apply(model, topk=1.0, auto_dense=False)
     try:
         with torch.no_grad():
-            out = model.generate(**kw)
+            out = model.generate(ids, **kw)
     finally:
         stf.remove(model)
-    assert out.shape == ref.shape
-    assert (out == ref).float().mean().item() >= 0.9, f"tokens differ:\n{out}\n{ref}"
+    _no_fallbacks()
+    diff = (out != ref).any(dim=0).nonzero()
+    if len(diff):
+        i = diff[0].item()
+        with torch.no_grad():
+            m = torch.cat([mask, torch.ones_like(ref[:, 300:i])], dim=1)
+            logits = model(input_ids=ref[:, :i], attention_mask=m).logits[:, -1].float()
+        for b in range(ref.shape[0]):
+            gap = (logits[b, ref[b, i]] - logits[b, out[b, i]]).abs().item()
+            assert gap <= 0.02 * logits[b].abs().max().item(), f"token {i} of row {b} differs (logit gap {gap:.3g})"

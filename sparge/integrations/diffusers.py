@@ -308,7 +308,8 @@ def apply(model, config=None, hilbert_grid=None, *, text_first: Optional[bool] =
         state.contexts.append(ctx)
         proc = getattr(mod, "processor", None)
         if member is not None and proc is not None and hasattr(proc, "_attention_backend"):
-            state.backends.append((proc, proc.__dict__.get("_attention_backend", _MISSING)))
+            if all(p is not proc for p, _ in state.backends):  # processors may be shared by modules
+                state.backends.append((proc, proc.__dict__.get("_attention_backend", _MISSING)))
             proc._attention_backend = member
         state.hooks.append(mod.register_forward_pre_hook(functools.partial(_enter, ctx)))
         state.hooks.append(mod.register_forward_hook(functools.partial(_exit, ctx), always_call=True))

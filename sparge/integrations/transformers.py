@@ -274,13 +274,13 @@ def apply(model: torch.nn.Module, config=None, *, record_stats: bool = False, **
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``apply``: the model's previous attention implementation (``"sdpa"``
-    when it had none) and no per-layer settings."""
+    when it had none or was loaded with ``"sparge"``) and no per-layer settings."""
     entry = _models.pop(model, None)
     for mod in model.modules():
         _modules.pop(mod, None)
-    if entry is not None:
-        previous = entry[0] if entry[0] not in (None, NAME) else "sdpa"
-        model.set_attn_implementation(previous)
+    previous = entry[0] if entry is not None else None
+    if entry is not None or getattr(model.config, "_attn_implementation", None) == NAME:
+        model.set_attn_implementation(previous if previous not in (None, NAME) else "sdpa")
     return model
 
 
