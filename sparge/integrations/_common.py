@@ -13,7 +13,6 @@ from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 # Keyword options of sparge.attn an integration may set for every call it routes.
 ATTN_OPTIONS = ("topk", "cdf_threshold", "sim_threshold", "pv_threshold", "attention_sink", "precision",
@@ -263,14 +262,22 @@ def attention(q, k, v, *, causal: Optional[str], key_padding: Optional[torch.Ten
     B, Hq, Lq, D = q.shape
     opts = _merged_options(ctx, Hq, q.device)
     precision = opts.get("precision", "auto")
+    reason = None
     try:
         functional.block_shape(q.device, D, precision, q.dtype, v.shape[3])
     except functional._lib.NotSupportedError as e:
-        note_fallback(ctx.where, f"no sparge kernel here ({e})")
-        sdpa = sdpa or F.scaled_dot_product_attention
+        reason = f"no sparge kernel here ({e})"
+        note_fallback(ctx.where, reason)
+    if reason is not None or (opts.get("auto_dense", True) and _dense_pays(q, k, causal, opts)):
+        # as sparge.attn does: exact dense attention where the sparse kernel cannot run or would not pay
         mask = causal_mask(Lq, k.shape[2], causal, q.device)[None, None] & key_padding[:, None, None, :]
-        out = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
-        return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))
+        out = (sdpa or _original_sdpa())(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+        out = torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))  # rows seeing no key: 0
+        if ctx.stats is not None:
+            ones = torch.ones(B, Hq, dtype=torch.int64, device=q.device)
+            ctx.stats.add(ctx.path or "<unnamed>", {"blocks_kept": ones, "blocks_allowed": ones,
+                                                    "pv_skipped": ones * 0, "pv_units": ones * 0})
+        return out
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     pred = {n: opts[n] for n in ("topk", "cdf_threshold", "sim_threshold", "attention_sink") if n in opts}
     block_mask = functional.predict(q, k, is_causal=True, causal_alignment=causal, scale=scale,
@@ -285,6 +292,24 @@ def attention(q, k, v, *, causal: Optional[str], key_padding: Optional[torch.Ten
     out, st = res
     ctx.stats.add(ctx.path or "<unnamed>", st)
     return out
+
+
+def _dense_pays(q, k, causal: str, opts: Mapping[str, Any]) -> bool:
+    """sparge.attn's auto-dense rule (GPU calls too small or too dense to gain)."""
+    from .. import functional
+
+    rule = getattr(functional, "_dense_pays", None)
+    if rule is None or q.device.type != "cuda":
+        return False
+    if opts.get("cdf_threshold") is not None:
+        return rule(q, k, causal, functional._lib.SELECT_CDF, opts["cdf_threshold"])
+    return rule(q, k, causal, functional._lib.SELECT_TOPK, opts.get("topk", 0.5))
+
+
+def _original_sdpa():
+    from .sdpa import original_sdpa
+
+    return original_sdpa()
 
 
 def find_modules(model: torch.nn.Module, types: Sequence[type]) -> List[Tuple[str, torch.nn.Module]]:
