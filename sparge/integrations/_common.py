@@ -45,6 +45,19 @@ def note_fallback(where: str, reason: str) -> None:
                       stacklevel=3)
 
 
+_notes: set = set()
+
+
+def note_once(where: str, message: str) -> None:
+    """Warn once per message (things that are not a dense fallback)."""
+    key = f"{where}: {message}"
+    with _fallback_lock:
+        first = key not in _notes
+        _notes.add(key)
+    if first:
+        warnings.warn(f"sparge: {where}: {message}", RuntimeWarning, stacklevel=3)
+
+
 def check_options(options: Mapping[str, Any], where: str = "attn_options") -> Dict[str, Any]:
     """The sparge.attn keyword options an integration accepts; TypeError names an unknown one."""
     unknown = sorted(set(options) - set(ATTN_OPTIONS))
@@ -198,8 +211,8 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
         qo = _visual_offset(q.shape[seq], n, ctx.text_first)
         ko = _visual_offset(k.shape[seq], n, ctx.text_first)
         if qo is None and ko is None:
-            note_fallback(ctx.where, f"no Hilbert reordering for a call of {q.shape[seq]} tokens and a grid of {n} "
-                                     "(pass text_first= to say where the text tokens are)")
+            note_once(ctx.where, f"no Hilbert reordering for a call of {q.shape[seq]} tokens and a grid of {n} "
+                                 "tokens (pass text_first= to say where the text tokens are)")
         if qo is not None:
             q = hilbert.reorder(q, ctx.grid, offset=qo, layout=layout)
         if ko is not None:  # keys and values together: attention does not depend on key order

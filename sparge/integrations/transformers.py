@@ -144,10 +144,9 @@ def _decompose(mask: torch.Tensor, Lq: int, Lk: int):
     m = mask[:, 0]  # [B, Lq, Lk]
     kp = m.any(dim=1)  # keys some query sees
     cands = [None, "top_left", "bottom_right"]
-    hits = [m == kp[:, None, :]]
-    for c in cands[1:]:
-        hits.append(m == (_common.causal_mask(Lq, Lk, c, m.device)[None] & kp[:, None, :]))
-    ok = torch.stack([h.all() for h in hits]).tolist()
+    ok = torch.stack([  # one candidate at a time: at most two [B, Lq, Lk] temporaries alive
+        (m == (kp[:, None, :] if c is None else _common.causal_mask(Lq, Lk, c, m.device)[None] & kp[:, None, :]))
+        .all() for c in cands]).tolist()
     result = None
     for c, good in zip(cands, ok):
         if good:
