@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attn.py                      # full grid, CSV under benchmarks/results/<gpu>/
     python benchmarks/bench_attn.py --quick              # a few rows
+    python benchmarks/bench_attn.py --shape 1,32,16384,64 --densities 1,0.25 --causal no   # chosen rows
 
 Rows: GPU, shape, dtype, causal, target and achieved density, prediction ms,
 sparse kernel ms (given mask), full API ms (prediction + kernel), SDPA cuDNN
@@ -89,6 +90,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--shape", action="append", default=None, metavar="B,H,L,D",
+                    help="only these shapes (repeatable); with --densities/--causal for a focused run")
+    ap.add_argument("--densities", default=None, help="comma-separated, e.g. 1,0.5,0.25,0.1")
+    ap.add_argument("--causal", choices=["no", "yes", "both"], default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(dev)
@@ -100,6 +105,12 @@ def main():
         shapes = [(1, 32, 4096, 128), (1, 32, 16384, 64), (1, 16, 16384, 128), (1, 16, 32768, 128),
                   (1, 32, 32768, 64)]
         densities, causals = [1.0, 0.5, 0.25, 0.1], [False, True]
+    if args.shape:
+        shapes = [tuple(int(x) for x in sh.split(",")) for sh in args.shape]
+    if args.densities:
+        densities = [float(x) for x in args.densities.split(",")]
+    if args.causal:
+        causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     rows = []
     print(f"{gpu}, torch {torch.__version__}, {dtype}; TOPS are dense-equivalent (4*B*H*L^2*D/t, /2 if causal)")
     print(f"{'shape':>22} {'causal':>6} {'dens':>5} {'got':>5} {'pred':>6} {'kernel':>7} {'api':>7} {'cudnn':>7} "

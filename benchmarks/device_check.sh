@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build (CUDA included), then the steps named on the
 # command line (default: cuda-tests tests demo bench-quick); logs go to $OUT.
-#   bash benchmarks/device_check.sh [cuda-tests] [tests] [demo] [bench-quick] [bench] [sanitize]
+#   bash benchmarks/device_check.sh [cuda-tests] [tests] [demo] [bench-quick] [bench-focus] [bench] [sanitize]
+# bench-focus: the issue-3 gap shapes (D=64 H=32 and D=128 H=16 at L=16k, non-causal,
+# all densities) with their same-run baselines.
 set -uo pipefail
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -22,6 +24,8 @@ for s in "${steps[@]}"; do
     tests) python3 -m pytest -q -ra tests/ 2>&1 | tee "$OUT/pytest.txt" | tail -15 ;;
     demo) python3 -m sparge demo --plot "$OUT/demo.png" 2>&1 | tee "$OUT/demo.txt" ;;
     bench-quick) python3 benchmarks/bench_attn.py --quick --csv "$OUT/bench_quick.csv" 2>&1 | tee "$OUT/bench_quick.txt" ;;
+    bench-focus) python3 benchmarks/bench_attn.py --shape 1,32,16384,64 --shape 1,16,16384,128 --causal no \
+        --csv "$OUT/bench_focus.csv" 2>&1 | tee "$OUT/bench_focus.txt" ;;
     bench) python3 benchmarks/bench_attn.py --csv "$OUT/bench_attn.csv" 2>&1 | tee "$OUT/bench_attn.txt" ;;
     sanitize)
       sel="(test_kernel_lengths and 97) or (test_predict_matches_reference and topk)"

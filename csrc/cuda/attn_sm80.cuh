@@ -8,7 +8,7 @@
 // ---------------------------------------------------------------------------
 //   D    BQ   BK  warps  rows/warp   K/V     Q in    smem     regs      CTAs/SM
 //                        =pv_group  stages  regs    bytes    sm80/90a  (H100)
-//   64   128  64    4       32        1      yes     37,328   202/204   2
+//   64   128  128   4       32        1      no      53,712   255/254   2
 //   96   128  64    4       32        1      no      57,808   234/236   2
 //   128  128  64    4       32        1      no      70,096   254/255   2
 //   256  128  64    8       16        1      no     136,080   228/231   1
@@ -22,16 +22,25 @@
 //    memory twice, halving shared-memory traffic per FLOP against 16 rows per
 //    warp (FlashAttention-2 does the same). D = 256 cannot hold a 32 x 256 fp32
 //    accumulator per warp in registers, so it uses 8 warps x 16 rows.
-//  - BK = 64 keys per block (SpargeAttn's granularity). K/V stages = 1 is
+//  - D = 64 takes BK = 128 keys per block (as FlashAttention-2 does for D = 64):
+//    with BK = 64 a Q.K^T + P.V step is only 128 MMAs per warp between two
+//    barriers, too little to hide the exp2/rescale work, and the kernel ran
+//    1.23x FlashAttention-2. Measured on H100 at B=1, H=32, L=16k (FA2 7.02 ms,
+//    benchmarks/kernels/bench_tiles.py): BK=64 with Q in registers 8.65 ms;
+//    BK=64 with Q re-read and 3 CTAs/SM (168 registers) 7.63; BK=128 7.38,
+//    and 0.97 of dense/density at density 0.25; BK=128 with 2 stages 7.17-7.29
+//    dense but slower at density 0.25 and 86 KB of shared memory; 8 warps x 16
+//    rows (either BK) 8.3-11.5. Q no longer fits in registers at BK = 128.
+//  - BK = 64 keys per block (SpargeAttn's granularity) for D >= 96. K/V stages = 1 is
 //    FlashAttention-2's schedule: V(j) loads while Q.K(j) runs, K(j+1) while
 //    P.V(j) runs, two barriers per block. The kernel also implements 2 stages
 //    (K and V double-buffered, loads one block further ahead); on H100 it
 //    measured the same speed (within +-2 %) for every D while needing 28-64 KB
 //    more shared memory (A100 would drop to 1 CTA/SM, sm86/89 cannot fit
 //    D = 128), so 1 stage is the table's choice.
-//  - Q stays in registers across k-blocks only for D = 64 (32 registers);
-//    above that the 255 registers go to the accumulator and the score tile and
-//    Q fragments are re-read from shared memory every block (as in FA2).
+//  - Q fragments are re-read from shared memory every block (as in FA2): the
+//    255 registers go to the accumulator and the score tile. (kQInRegs keeps
+//    them in registers; no tile of the table uses it now.)
 //  - Shared tiles are XOR-swizzled in 16-byte chunks (chunk ^ (row & 7)) when
 //    a row has a multiple of 8 chunks (D = 64, 128, 256) and padded by 16 bytes
 //    per row otherwise (D = 96, 13 chunks per row); both make every ldmatrix
@@ -81,7 +90,7 @@ struct AttnCfg {
 
   static_assert(kD % 16 == 0 && kD <= 256, "head dim");
   static_assert(kWM % 16 == 0 && kMT >= 1 && kMT <= 2, "rows per warp");
-  static_assert(kBK == 32 || kBK == 64, "key-padding bits are kept in <= 2 words");
+  static_assert(kBK == 32 || kBK == 64 || kBK == 128, "key-padding bits: one word per 32 keys, <= 4 words (16 bytes)");
   static_assert(kBK / 32 <= kWarps, "one warp per 32 keys builds the key-padding bits");
   static_assert(kThreads >= kCPR, "tile loads: one row per pass at least");
   static_assert(kStages == 1 || kStages == 2, "stages");
@@ -98,8 +107,8 @@ template <int D>
 struct AttnTile;
 template <>
 struct AttnTile<64> {
-  static constexpr int kBQ = 128, kBK = 64, kWarps = 4, kStages = 1, kMinBlocks = 2;
-  static constexpr bool kQInRegs = true;
+  static constexpr int kBQ = 128, kBK = 128, kWarps = 4, kStages = 1, kMinBlocks = 2;
+  static constexpr bool kQInRegs = false;
 };
 template <>
 struct AttnTile<96> {
@@ -543,11 +552,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
       const bool need_mask = kpad_on || c0 + BK > p.Lk || (causal && c0 + BK - 1 > ws->r0 + wr0 + p.causal_off);
       if (need_mask) {
         const int qrow0 = ws->r0 + wr0 + g;
-        uint64_t kbits = ~0ull;  // bit c: key c0 + c takes part (key padding)
-        if (kpad_on) {
-          kbits = s_kbits[0];
-          if (BK == 64) kbits |= (uint64_t)s_kbits[BK == 64 ? 1 : 0] << 32;
-        }
+        uint32_t kbits[BK / 32];  // bit c of word w: key c0 + 32 w + c takes part (key padding)
+#pragma unroll
+        for (int w = 0; w < BK / 32; ++w) kbits[w] = kpad_on ? s_kbits[w] : ~0u;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -560,8 +567,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
             for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const int col = nt * 8 + 2 * t4 + e;
-                if (col > rel || !((kbits >> col) & 1ull)) s[mt][nt][2 * hf + e] = kNegInf;
+                const int col = nt * 8 + 2 * t4 + e;  // word (nt * 8) / 32 is a compile-time index
+                if (col > rel || !((kbits[(nt * 8) / 32] >> (col & 31)) & 1u)) s[mt][nt][2 * hf + e] = kNegInf;
               }
           }
       }
