@@ -284,30 +284,35 @@ def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, 
                     pv_candidates: Optional[Sequence[float]] = DEFAULT_PV_CANDIDATES, pv_share: float = 0.2,
                     steps: int = 8, layout: str = "bhsd", causal_alignment: str = "top_left",
                     precision: str = "auto", reference: Optional[torch.Tensor] = None,
-                    path: str = "") -> LayerCalibration:
-    """Calibrate one attention call (SDPA arguments) and return the per-head
-    choice with what it achieved. ``reference`` is the dense output (computed
-    with torch SDPA when not given)."""
+                    key_padding_mask: Optional[torch.Tensor] = None, path: str = "") -> LayerCalibration:
+    """Calibrate one attention call (SDPA arguments, plus sparge.attn's
+    ``key_padding_mask``) and return the per-head choice with what it achieved.
+    ``reference`` is the dense output (computed with torch SDPA when not given)."""
     sims, pvs = _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps)
     q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
     causal = _fn._causal_mode(is_causal, causal_alignment)
     s = _fn._resolve_scale(scale, q.shape[3])
     _fn._check_precision(precision)
     B, H, Lq, D = q.shape
+    kpad = None
     if attn_mask is not None:
         kpad, reason = _fn._key_padding(attn_mask, B, H, Lq, k.shape[2])
         if reason is not None:
             raise ValueError(f"attn_mask: calibration needs a mask sparge runs natively; this one is {reason}")
+    if key_padding_mask is not None:
+        if attn_mask is not None:
+            raise ValueError("key_padding_mask: give either attn_mask or key_padding_mask, not both")
+        kpad = _fn._check_key_padding_mask(key_padding_mask, B, k.shape[2], q.device)
     reason = _fn._native_reason(q.device, D, v.shape[3], q.dtype, precision)
     if reason is not None:
         raise ValueError(f"query: sparge has no kernel for this call ({reason}); nothing to calibrate")
     if reference is None:
         with _suspended():
-            reference = _fn._sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, "bhsd", False, False)
+            reference = _fn._sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, "bhsd", False, False, kpad)
     elif layout == "bshd":
         reference = reference.transpose(1, 2)
-    kw = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": s, "causal_alignment": causal_alignment,
-          "precision": precision}
+    kw = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "is_causal": is_causal, "scale": s,
+          "causal_alignment": causal_alignment, "precision": precision}
     prob = _Problem(q, k, v, reference, kw, metric, mode)
     with torch.no_grad(), _suspended():
         if sims == "auto":
@@ -385,11 +390,11 @@ class _Capture:
                              scale=scale, **kw)
         if not getattr(_state, "suspended", False):
             self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, "bhsd",
-                         "top_left", out)
+                         "top_left", None, out)
         return out
 
     def sparge_attn(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
-                    causal_alignment):
+                    causal_alignment, key_padding_mask):
         """Observer for sparge.attn calls (models already routed to sparge):
         returns the dense output, calibrating on the way."""
         if getattr(_state, "suspended", False):
@@ -397,10 +402,11 @@ class _Capture:
         q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
         causal = _fn._causal_mode(is_causal, causal_alignment)
         s = _fn._resolve_scale(scale, q.shape[3])
+        kpad = _fn._check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
         with _suspended():
-            out = _fn._sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, False, False)
+            out = _fn._sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, False, False, kpad)
         self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
-                     causal_alignment, out)
+                     causal_alignment, key_padding_mask, out)
         return out
 
 
@@ -454,7 +460,8 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
 
-    def on_call(path, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout, alignment, out):
+    def on_call(path, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout, alignment,
+                key_padding_mask, out):
         if layers is not None and not layers(path):
             return skip("filtered out by layers")
         if query.dim() != 4 or key.dim() != 4:
@@ -472,7 +479,7 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
                                   enable_gqa or query.shape[head_dim] != key.shape[head_dim],
                                   target=target, metric=metric, mode=mode, sim_candidates=sims, pv_candidates=pvs,
                                   pv_share=pv_share, steps=steps, layout=layout, causal_alignment=alignment,
-                                  precision=precision, reference=out, path=path)
+                                  precision=precision, reference=out, key_padding_mask=key_padding_mask, path=path)
         except ValueError as e:
             return skip(str(e).split(";")[0])
         records.append(rec)

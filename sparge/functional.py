@@ -221,6 +221,21 @@ def _key_padding(attn_mask, B: int, Hq: int, Lq: int, Lk: int) -> Tuple[Optional
     return attn_mask.reshape(full[0], Lk).expand(B, Lk), None
 
 
+def _check_key_padding_mask(key_padding_mask, B: int, Lk: int, device) -> Optional[torch.Tensor]:
+    """A [B, Lk] bool view (True = attend) of a broadcastable key-padding mask."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError("key_padding_mask: expected a bool tensor [B, Lk]")
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask: on {key_padding_mask.device} but query is on {device}")
+    try:
+        return key_padding_mask.expand(B, Lk)
+    except RuntimeError:
+        raise ValueError(f"key_padding_mask: shape {tuple(key_padding_mask.shape)} does not broadcast to "
+                         f"[B, Lk] = [{B}, {Lk}]") from None
+
+
 # --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
@@ -339,17 +354,7 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
     except RuntimeError:
         raise ValueError(f"block_mask: shape {tuple(block_mask.shape)} does not broadcast to "
                          f"[B, Hq, nq, nk] = [{B}, {Hq}, {nq}, {nk}] for block size ({bq}, {bk})") from None
-    kpad = None
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask: expected a bool tensor [B, Lk]")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask: on {key_padding_mask.device} but query is on {q.device}")
-        try:
-            kpad = key_padding_mask.expand(B, Lk)
-        except RuntimeError:
-            raise ValueError(f"key_padding_mask: shape {tuple(key_padding_mask.shape)} does not broadcast to "
-                             f"[B, Lk] = [{B}, {Lk}]") from None
+    kpad = _check_key_padding_mask(key_padding_mask, B, Lk, q.device)
     pv_t = None if pv_threshold is None else _head_param(pv_threshold, "pv_threshold", Hq, q.device, 0.0,
                                                          allow_inf=True)
     reason = _native_reason(q.device, D, Dv, q.dtype, precision)
@@ -373,7 +378,8 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
          enable_gqa: bool = False, *, topk=_TOPK_DEFAULT, cdf_threshold=None, sim_threshold: Hyper = -0.1,
          pv_threshold: Optional[Hyper] = None, attention_sink: bool = False, precision: str = "auto",
          layout: str = "bhsd", config: Any = None, return_lse: bool = False, return_stats: bool = False,
-         causal_alignment: str = "top_left", auto_dense: bool = True):
+         causal_alignment: str = "top_left", auto_dense: bool = True,
+         key_padding_mask: Optional[torch.Tensor] = None):
     """Sparse drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Predicts which (BQ x BK) blocks of the attention map matter from pooled
@@ -382,14 +388,17 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     attention. ``config`` (a ``sparge.LayerConfig``, a ``SpargeConfig`` with a
     single layer or only a default, or a dict with ``sim_threshold``,
     ``topk``/``cdf_threshold``, ``pv_threshold``) overrides those keywords.
-    Returns ``out`` in the input layout and dtype, plus ``lse`` ``[B, Hq, Lq]``
+    ``key_padding_mask`` (bool ``[B, Lk]``, True = attend) is a sparge
+    extension that, unlike ``attn_mask``, combines with ``is_causal`` (padded
+    causal batches). Returns ``out`` in the input layout and dtype, plus
+    ``lse`` ``[B, Hq, Lq]``
     and a stats dict when asked. With ``auto_dense`` (default), a GPU call too
     small for sparsity to pay, or a top-k too high to beat torch's dense kernel,
     runs torch SDPA instead (exact; stats then report density 1).
     """
     if _observer is not None and not (return_lse or return_stats):
         out = _observer(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
-                        causal_alignment)
+                        causal_alignment, key_padding_mask)
         if out is not None:
             return out
     q, k, v = _check_qkv(query, key, value, layout, enable_gqa)
@@ -425,16 +434,20 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
         if is_causal:
             raise ValueError("attn_mask: cannot be combined with is_causal=True (as in SDPA)")
         kpad, reason = _key_padding(attn_mask, B, Hq, Lq, Lk)
+    if key_padding_mask is not None:
+        if attn_mask is not None:
+            raise ValueError("key_padding_mask: give either attn_mask or key_padding_mask, not both")
+        kpad = _check_key_padding_mask(key_padding_mask, B, Lk, q.device)
     if reason is None and dropout_p > 0.0:
         reason = "dropout_p > 0 (sparge is an inference kernel)"
     if reason is None:
         reason = _native_reason(q.device, D, Dv, q.dtype, precision)
     if reason is not None:
         _fallback(reason)
-        return _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, return_lse, return_stats)
+        return _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, return_lse, return_stats, kpad)
     if auto_dense and not return_lse and _dense_pays(q, k, causal, mode, sel):
         # exact dense attention is faster here than prediction + sparse kernel
-        return _sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, layout, False, return_stats)
+        return _sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, layout, False, return_stats, kpad)
 
     # copy only what the kernel cannot read in place (a non-unit last stride)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -470,15 +483,23 @@ def _dense_pays(q, k, causal, mode, sel) -> bool:
     return float(sel) >= _AUTO_DENSE_TOPK.get(major, _AUTO_DENSE_TOPK_DEFAULT)
 
 
-def _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, scale, layout, return_lse, return_stats):
+def _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, scale, layout, return_lse, return_stats,
+                   key_padding=None):
     """Dense torch attention for inputs sparge does not run natively; q, k, v are
-    [B, H, L, D] views. LSE and stats, when asked, are computed densely too."""
+    [B, H, L, D] views, key_padding a [B, Lk] bool or None. LSE and stats,
+    when asked, are computed densely too."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     Lq, Lk = q.shape[2], k.shape[2]
     mask, sdpa_causal = attn_mask, False
-    if causal == "top_left" or (causal == "bottom_right" and Lq == Lk):
+    if key_padding is not None:
+        # [B, 1, Lq or 1, Lk]; rows that see no key give 0, as the kernel does
+        mask = key_padding[:, None, None, :]
+        if causal is not None:
+            e = reference.last_visible_key(Lq, Lk, causal, q.device)
+            mask = mask & (torch.arange(Lk, device=q.device)[None, :] <= e[:, None])
+    elif causal == "top_left" or (causal == "bottom_right" and Lq == Lk):
         sdpa_causal = True  # torch's own causal kernels, no mask tensor
         if return_lse:
             mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
@@ -487,8 +508,10 @@ def _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, scale, layout, return_
         mask = torch.arange(Lk, device=q.device)[None, :] <= e[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if sdpa_causal else mask, dropout_p=dropout_p,
                                          is_causal=sdpa_causal, scale=scale)
-    if causal is not None and causal == "bottom_right" and Lq > Lk:
-        out = out.masked_fill(~mask.any(-1)[:, None], 0.0)  # rows that see no key give 0, as the kernel does
+    if key_padding is not None:
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # rows that see no key give 0, as the kernel does
+    elif causal is not None and causal == "bottom_right" and Lq > Lk:
+        out = out.masked_fill(~mask.any(-1)[:, None], 0.0)
     lse = stats = None
     if return_lse:
         s = (q.float() @ k.float().transpose(-1, -2)) * scale

@@ -284,3 +284,30 @@ def test_cli_demo_small():
 def test_examples_run(script):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_key_padding_mask_with_causal(alignment):
+    q, k, v = _qkv(B=2, Lq=150, Lk=200)
+    pad = torch.ones(2, 200, dtype=torch.bool)
+    pad[0, :30] = False  # left padding
+    pad[1, 170:] = False
+    e = sparge.reference.last_visible_key(150, 200, alignment)
+    mask = pad[:, None, None, :] & (torch.arange(200)[None, :] <= e[:, None])
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = torch.where(mask.any(-1, keepdim=True), ref, torch.zeros_like(ref))
+    for topk in (1.0, 0.4):
+        out = sparge.attn(q, k, v, is_causal=True, causal_alignment=alignment, key_padding_mask=pad, topk=topk)
+        if topk == 1.0:
+            assert (out - ref).abs().max() < 1e-5
+        assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        sparge.attn(q, k, v, attn_mask=pad[:, None, None], key_padding_mask=pad)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        sparge.attn(q, k, v, key_padding_mask=pad.float())
+    # the SDPA fallback (dropout) honours it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        out = sparge.attn(q, k, v, is_causal=True, causal_alignment=alignment, key_padding_mask=pad, dropout_p=1e-9)
+    assert (out - ref).abs().max() < 1e-4

@@ -195,7 +195,7 @@ def _visual_offset(L: int, n: int, text_first: Optional[bool]) -> Optional[int]:
 
 def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
                   enable_gqa: bool = False, layout: str = "bhsd", causal_alignment: str = "top_left",
-                  ctx: Optional[CallContext] = None):
+                  key_padding_mask: Optional[torch.Tensor] = None, ctx: Optional[CallContext] = None):
     """sparge.attn with the context's options and layer config, Hilbert
     reordering of the visual tokens when the context has a grid, and density
     recorded when it has a recorder."""
@@ -204,7 +204,7 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
     ctx = ctx or CallContext()
     seq = 2 if layout == "bhsd" else 1
     qo = ko = None
-    if ctx.grid is not None and attn_mask is None and not is_causal:
+    if ctx.grid is not None and attn_mask is None and key_padding_mask is None and not is_causal:
         from .. import hilbert
 
         n = math.prod(ctx.grid)
@@ -221,7 +221,7 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
     want_stats = ctx.stats is not None
     res = functional.attn(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout=layout,
                           config=ctx.config, return_stats=want_stats, causal_alignment=causal_alignment,
-                          **ctx.options)
+                          key_padding_mask=key_padding_mask, **ctx.options)
     out = res
     if want_stats:
         out, st = res
@@ -259,70 +259,11 @@ def causal_mask(Lq: int, Lk: int, alignment: str, device) -> torch.Tensor:
 
 
 def attention(q, k, v, *, causal: Optional[str], key_padding: Optional[torch.Tensor], scale=None,
-              ctx: Optional[CallContext] = None, sdpa=None):
+              ctx: Optional[CallContext] = None):
     """[B, H, L, D] attention with an optional causal alignment and key padding
-    ([B, Lk] bool, True = attend), natively in sparge where it can."""
-    from .. import functional
-
-    ctx = ctx or CallContext()
-    enable_gqa = q.shape[1] != k.shape[1]
-    if key_padding is None or causal is None:
-        mask = None if key_padding is None else key_padding[:, None, None, :]
-        return run_sdpa_like(q, k, v, attn_mask=mask, is_causal=causal is not None, scale=scale,
-                             enable_gqa=enable_gqa, causal_alignment=causal or "top_left", ctx=ctx)
-    # sparge.attn takes is_causal or a key-padding mask, not both: run its two
-    # stages here, which take both
-    B, Hq, Lq, D = q.shape
-    opts = _merged_options(ctx, Hq, q.device)
-    precision = opts.get("precision", "auto")
-    reason = None
-    try:
-        functional.block_shape(q.device, D, precision, q.dtype, v.shape[3])
-    except functional._lib.NotSupportedError as e:
-        reason = f"no sparge kernel here ({e})"
-        note_fallback(ctx.where, reason)
-    if reason is not None or (opts.get("auto_dense", True) and _dense_pays(q, k, causal, opts)):
-        # as sparge.attn does: exact dense attention where the sparse kernel cannot run or would not pay
-        mask = causal_mask(Lq, k.shape[2], causal, q.device)[None, None] & key_padding[:, None, None, :]
-        out = (sdpa or _original_sdpa())(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
-        out = torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))  # rows seeing no key: 0
-        if ctx.stats is not None:
-            ones = torch.ones(B, Hq, dtype=torch.int64, device=q.device)
-            ctx.stats.add(ctx.path or "<unnamed>", {"blocks_kept": ones, "blocks_allowed": ones,
-                                                    "pv_skipped": ones * 0, "pv_units": ones * 0})
-        return out
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    pred = {n: opts[n] for n in ("topk", "cdf_threshold", "sim_threshold", "attention_sink") if n in opts}
-    block_mask = functional.predict(q, k, is_causal=True, causal_alignment=causal, scale=scale,
-                                    enable_gqa=enable_gqa, precision=precision, **pred)
-    want_stats = ctx.stats is not None
-    res = functional.block_sparse_attn(q, k, v, block_mask, is_causal=True, causal_alignment=causal, scale=scale,
-                                       enable_gqa=enable_gqa, key_padding_mask=key_padding,
-                                       pv_threshold=opts.get("pv_threshold"), precision=precision,
-                                       return_stats=want_stats)
-    if not want_stats:
-        return res
-    out, st = res
-    ctx.stats.add(ctx.path or "<unnamed>", st)
-    return out
-
-
-def _dense_pays(q, k, causal: str, opts: Mapping[str, Any]) -> bool:
-    """sparge.attn's auto-dense rule (GPU calls too small or too dense to gain)."""
-    from .. import functional
-
-    rule = getattr(functional, "_dense_pays", None)
-    if rule is None or q.device.type != "cuda":
-        return False
-    if opts.get("cdf_threshold") is not None:
-        return rule(q, k, causal, functional._lib.SELECT_CDF, opts["cdf_threshold"])
-    return rule(q, k, causal, functional._lib.SELECT_TOPK, opts.get("topk", 0.5))
-
-
-def _original_sdpa():
-    from .sdpa import original_sdpa
-
-    return original_sdpa()
+    ([B, Lk] bool, True = attend): one sparge.attn call, which takes both."""
+    return run_sdpa_like(q, k, v, is_causal=causal is not None, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                         causal_alignment=causal or "top_left", key_padding_mask=key_padding, ctx=ctx)
 
 
 def find_modules(model: torch.nn.Module, types: Sequence[type]) -> List[Tuple[str, torch.nn.Module]]:
