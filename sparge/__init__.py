@@ -5,6 +5,7 @@
 
 See README.md and SPEC.md for the method and the contract.
 """
+from . import hilbert as hilbert  # sparge.hilbert: Hilbert token order (SPEC §4)
 from ._lib import NotSupportedError, SpargeError
 from .calibration import CalibrationResult, calibrate, calibrate_layer
 from .config import ConfigError, LayerConfig, SpargeConfig
