@@ -8,7 +8,7 @@
 // ---------------------------------------------------------------------------
 //   D    BQ   BK  warps  rows/warp   K/V     Q in    smem     regs      CTAs/SM
 //                        =pv_group  stages  regs    bytes    sm80/90a  (H100)
-//   64   128  128   4       32        1      no      53,712   255/254   2
+//   64   128  64    4       32        1      no      37,328   167/168   3
 //   96   128  64    4       32        1      no      57,808   234/236   2
 //   128  128  64    4       32        1      no      70,096   254/255   2
 //   256  128  64    8       16        1      no     136,080   228/231   1
@@ -22,16 +22,19 @@
 //    memory twice, halving shared-memory traffic per FLOP against 16 rows per
 //    warp (FlashAttention-2 does the same). D = 256 cannot hold a 32 x 256 fp32
 //    accumulator per warp in registers, so it uses 8 warps x 16 rows.
-//  - D = 64 takes BK = 128 keys per block (as FlashAttention-2 does for D = 64):
-//    with BK = 64 a Q.K^T + P.V step is only 128 MMAs per warp between two
-//    barriers, too little to hide the exp2/rescale work, and the kernel ran
-//    1.23x FlashAttention-2. Measured on H100 at B=1, H=32, L=16k (FA2 7.02 ms,
-//    benchmarks/kernels/bench_tiles.py): BK=64 with Q in registers 8.65 ms;
-//    BK=64 with Q re-read and 3 CTAs/SM (168 registers) 7.63; BK=128 7.38,
-//    and 0.97 of dense/density at density 0.25; BK=128 with 2 stages 7.17-7.29
-//    dense but slower at density 0.25 and 86 KB of shared memory; 8 warps x 16
-//    rows (either BK) 8.3-11.5. Q no longer fits in registers at BK = 128.
-//  - BK = 64 keys per block (SpargeAttn's granularity) for D >= 96. K/V stages = 1 is
+//  - D = 64: with BK = 64 a Q.K^T + P.V step is only 128 MMAs per warp between
+//    two barriers, too little to hide the exp2/rescale work with 2 CTAs/SM
+//    (1.23x FlashAttention-2). Re-reading Q from shared memory frees registers
+//    (168) for a third CTA per SM, whose warps fill those gaps. Measured on
+//    H100 at B=1, H=32, L=16k (FA2 7.02 ms, benchmarks/kernels/bench_tiles.py):
+//    BK=64 with Q in registers 8.65 ms; BK=64, Q re-read, 3 CTAs/SM 7.63;
+//    BK=128 7.38 (FA2's own D=64 tile); BK=128 with 2 stages 7.17-7.29; 8 warps
+//    x 16 rows 8.3-11.5. BK = 128 is 3 % faster dense but halves the mask's
+//    resolution along keys: on the built-in video demo (H100, same cdf/sim
+//    thresholds) density rose from 0.225 to 0.357 and the end-to-end gain over
+//    SDPA fell from 1.20x to 1.08x. Sparsity is the product, so D = 64 keeps
+//    BK = 64 (SpargeAttn's granularity) with 3 CTAs/SM.
+//  - BK = 64 keys per block (SpargeAttn's granularity) for every D. K/V stages = 1 is
 //    FlashAttention-2's schedule: V(j) loads while Q.K(j) runs, K(j+1) while
 //    P.V(j) runs, two barriers per block. The kernel also implements 2 stages
 //    (K and V double-buffered, loads one block further ahead); on H100 it
@@ -107,7 +110,7 @@ template <int D>
 struct AttnTile;
 template <>
 struct AttnTile<64> {
-  static constexpr int kBQ = 128, kBK = 128, kWarps = 4, kStages = 1, kMinBlocks = 2;
+  static constexpr int kBQ = 128, kBK = 64, kWarps = 4, kStages = 1, kMinBlocks = 3;
   static constexpr bool kQInRegs = false;
 };
 template <>
