@@ -306,6 +306,36 @@ def test_custom_mask_without_note_is_decomposed_once(llama):
     assert torch.equal(out, out2)
 
 
+def test_torch_compile_fullgraph_sparse_with_padding_and_cache():
+    """The mask note survives tracing: no graph break, no fallback, compiled
+    logits equal eager ones, for a padded prefill and a KV-cache decode step."""
+    import torch._dynamo
+
+    model = _llama()
+    ids, mask = _batch(L=300, pads=(0, 37))
+    stf.register(topk=0.4)
+    model.set_attn_implementation("sparge")
+    try:
+        with torch.no_grad():
+            eager = model(input_ids=ids, attention_mask=mask).logits
+            torch._dynamo.reset()
+            expl = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+            assert expl.graph_break_count == 0, [str(r.reason)[:200] for r in expl.break_reasons]
+            compiled = torch.compile(model, fullgraph=True)
+            _close(compiled(input_ids=ids, attention_mask=mask).logits, eager, "compiled vs eager prefill")
+            steps = []
+            for fn in (model, compiled):  # the same prefill, then one decode step eager / compiled
+                cache = transformers.DynamicCache(config=model.config)
+                model(input_ids=ids[:, :299], attention_mask=mask[:, :299], cache=cache)
+                steps.append(fn(input_ids=ids[:, 299:], attention_mask=mask, cache=cache).logits)
+            _close(steps[1], steps[0], "compiled vs eager decode step")
+        _no_fallbacks()
+    finally:
+        stf.register(topk=0.5, auto_dense=True)
+        model.set_attn_implementation("sdpa")
+        torch._dynamo.reset()
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="toppk"):
         stf.register(toppk=0.3)

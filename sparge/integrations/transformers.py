@@ -92,15 +92,15 @@ def mask_function(*args, **kwargs):
     from transformers import masking_utils as mu
 
     mask = mu.sdpa_mask(*args, **kwargs)
-    if not isinstance(mask, torch.Tensor) or torch.compiler.is_compiling():
+    if not isinstance(mask, torch.Tensor):
         return mask
     if args:
         kwargs = _sdpa_mask_signature().bind(*args, **kwargs).arguments
     fn = kwargs.get("mask_function", mu.causal_mask_function)
     kind = "causal" if fn is mu.causal_mask_function else "full" if fn is mu.bidirectional_mask_function else None
     q_off, kv_off = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
-    if kind is None or kwargs.get("local_size") is not None or not isinstance(q_off, int) \
-            or not isinstance(kv_off, int):
+    if kind is None or kwargs.get("local_size") is not None or not isinstance(q_off, (int, torch.SymInt)) \
+            or not isinstance(kv_off, (int, torch.SymInt)):
         return mask
     q_len, kv_len = kwargs["q_length"], kwargs["kv_length"]
     pad = kwargs.get("attention_mask")
@@ -108,6 +108,8 @@ def mask_function(*args, **kwargs):
         if not isinstance(pad, torch.Tensor) or pad.dim() != 2:
             return mask
         pad = mu.prepare_padding_mask(pad, kv_len, kv_off)[:, kv_off:kv_off + kv_len].bool()
+    # (torch.compile traces attributes set on a tensor built in the graph, so
+    # the note works there too)
     setattr(mask, _INFO, (kind, q_off, kv_off, q_len, kv_len, pad))
     return mask
 
