@@ -473,13 +473,24 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
             return skip("fewer than min_queries query rows")
         if max_calls_per_layer is not None and per_layer.get(path, 0) >= max_calls_per_layer:
             return skip("max_calls_per_layer reached")
+        ref = out
+        if attn_mask is not None and attn_mask.dtype == torch.bool and not is_causal and key_padding_mask is None:
+            # a causal LM's padded batch: causal pattern AND key padding, which
+            # sparge runs natively (the reference is then recomputed so that rows
+            # seeing no key give 0 on both sides)
+            s = 2 if layout == "bhsd" else 1
+            dec = _fn._decompose_bool_mask(attn_mask, query.shape[s], key.shape[s])
+            if dec is not None and (dec[0] is not None or _fn._key_padding(
+                    attn_mask, query.shape[0], 1, query.shape[s], key.shape[s])[1] is not None):
+                alignment, key_padding_mask = dec[0] or "top_left", dec[1]
+                is_causal, attn_mask, ref = dec[0] is not None, None, None
         try:
             head_dim = 1 if layout == "bhsd" else 2
             rec = calibrate_layer(query, key, value, attn_mask, is_causal, scale,
                                   enable_gqa or query.shape[head_dim] != key.shape[head_dim],
                                   target=target, metric=metric, mode=mode, sim_candidates=sims, pv_candidates=pvs,
                                   pv_share=pv_share, steps=steps, layout=layout, causal_alignment=alignment,
-                                  precision=precision, reference=out, key_padding_mask=key_padding_mask, path=path)
+                                  precision=precision, reference=ref, key_padding_mask=key_padding_mask, path=path)
         except ValueError as e:
             return skip(str(e).split(";")[0])
         records.append(rec)

@@ -221,6 +221,28 @@ def _key_padding(attn_mask, B: int, Hq: int, Lq: int, Lk: int) -> Tuple[Optional
     return attn_mask.reshape(full[0], Lk).expand(B, Lk), None
 
 
+def _decompose_bool_mask(mask: torch.Tensor, Lq: int, Lk: int):
+    """(causal alignment or None, key padding [B, Lk]) when a boolean mask
+    broadcastable to [B, 1, Lq, Lk] equals (causal pattern) AND (key padding),
+    as padded batches of causal LMs build them; None for any other mask. Reads
+    the mask's values (one host synchronization)."""
+    if mask.dtype != torch.bool or mask.dim() > 4:
+        return None
+    full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if full[1] != 1 or full[2] not in (1, Lq) or full[3] != Lk:
+        return None
+    m = mask.reshape(full[0], full[2], Lk)
+    kp = m.any(dim=1)  # [B, Lk]: keys some query sees
+    for alignment in (None, "top_left", "bottom_right"):
+        want = kp[:, None, :]
+        if alignment is not None:
+            e = reference.last_visible_key(Lq, Lk, alignment, mask.device)
+            want = want & (torch.arange(Lk, device=mask.device)[None, :] <= e[:, None])[None]
+        if bool((m == want).all()):
+            return alignment, kp
+    return None
+
+
 def _check_key_padding_mask(key_padding_mask, B: int, Lk: int, device) -> Optional[torch.Tensor]:
     """A [B, Lk] bool view (True = attend) of a broadcastable key-padding mask."""
     if key_padding_mask is None:

@@ -272,6 +272,21 @@ def test_threads_share_a_model():
         _close(o, ref, "threaded forward")
 
 
+def test_calibrate_then_apply_by_module_path():
+    """sparge.calibrate records the Attention modules' paths, which apply() looks up."""
+    m, kw, grid = wan(side=16)
+    res = sparge.calibrate(m, [kw], progress=False)
+    assert sorted(res.config) == ["blocks.0.attn1", "blocks.0.attn2"] and not res.skipped
+    sdf.apply(m, config=res.config, record_stats=True)
+    try:
+        _run(m, kw)
+        dens = sdf.density(m)
+        assert {"blocks.0.attn1", "blocks.0.attn2"} <= set(dens)
+        _no_fallbacks()
+    finally:
+        sdf.remove(m)
+
+
 def test_bad_arguments():
     m, _, _ = wan()
     with pytest.raises(TypeError, match="toppk"):

@@ -336,6 +336,33 @@ def test_torch_compile_fullgraph_sparse_with_padding_and_cache():
         torch._dynamo.reset()
 
 
+def test_calibrate_then_apply_by_module_path():
+    """sparge.calibrate on the "sdpa" model (a padded causal batch: its bool
+    mask is decomposed into causal AND key padding) gives one entry per
+    attention module path, which apply() looks up: no fallback, error near the
+    target on the calibration batch."""
+    model = _llama(hidden=128)
+    ids, mask = _batch(L=300, pads=(0, 37))
+    model.set_attn_implementation("sdpa")
+    res = sparge.calibrate(model, [dict(input_ids=ids, attention_mask=mask)], target=0.05, progress=False)
+    assert sorted(res.config) == ["model.layers.0.self_attn", "model.layers.1.self_attn"] and not res.skipped
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    stf.apply(model, config=res.config, record_stats=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+        dens = stf.density(model)
+        assert set(dens) == {"model.layers.0.self_attn", "model.layers.1.self_attn", "total"}
+        assert dens["total"]["density"] < 1.0
+        _no_fallbacks()
+        valid = mask.bool()  # padded positions' logits are not compared
+        rel = (out - ref).abs()[valid].sum() / ref.abs()[valid].sum()
+        assert rel < 0.1, f"relative L1 of the logits {rel:.3g}"
+    finally:
+        stf.remove(model)
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="toppk"):
         stf.register(toppk=0.3)

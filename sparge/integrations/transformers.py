@@ -143,17 +143,12 @@ def _decompose(mask: torch.Tensor, Lq: int, Lk: int):
     if torch.compiler.is_compiling():
         return None
     # no note: compare against the three candidate patterns (one sync, cached on the mask)
-    m = mask[:, 0]  # [B, Lq, Lk]
-    kp = m.any(dim=1)  # keys some query sees
-    cands = [None, "top_left", "bottom_right"]
-    ok = torch.stack([  # one candidate at a time: at most two [B, Lq, Lk] temporaries alive
-        (m == (kp[:, None, :] if c is None else _common.causal_mask(Lq, Lk, c, m.device)[None] & kp[:, None, :]))
-        .all() for c in cands]).tolist()
+    from .. import functional
+
+    dec = functional._decompose_bool_mask(mask, Lq, Lk)
     result = None
-    for c, good in zip(cands, ok):
-        if good:
-            result = (None if Lq == 1 and c == "bottom_right" else c, kp.expand(mask.shape[0], Lk), Lk)
-            break
+    if dec is not None:
+        result = (None if Lq == 1 and dec[0] == "bottom_right" else dec[0], dec[1], Lk)
     try:
         setattr(mask, _INFO, ("decomposed", result))
     except (AttributeError, RuntimeError):  # tensor subclasses that refuse attributes
