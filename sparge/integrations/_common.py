@@ -14,6 +14,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+# module level, not inside the functions torch.compile traces (torch 2.11
+# breaks the graph on imports there)
+from .. import functional, hilbert
+
 # Keyword options of sparge.attn an integration may set for every call it routes.
 ATTN_OPTIONS = ("topk", "cdf_threshold", "sim_threshold", "pv_threshold", "attention_sink", "precision",
                 "auto_dense")
@@ -199,14 +203,10 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
     """sparge.attn with the context's options and layer config, Hilbert
     reordering of the visual tokens when the context has a grid, and density
     recorded when it has a recorder."""
-    from .. import functional
-
     ctx = ctx or CallContext()
     seq = 2 if layout == "bhsd" else 1
     qo = ko = None
     if ctx.grid is not None and attn_mask is None and key_padding_mask is None and not is_causal:
-        from .. import hilbert
-
         n = math.prod(ctx.grid)
         qo = _visual_offset(q.shape[seq], n, ctx.text_first)
         ko = _visual_offset(k.shape[seq], n, ctx.text_first)
@@ -227,34 +227,13 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
         out, st = res
         ctx.stats.add(ctx.path or "<unnamed>", st)
     if qo is not None:
-        from .. import hilbert
-
         out = hilbert.restore(out, ctx.grid, offset=qo, layout=layout)
     return out
 
 
-def _merged_options(ctx: CallContext, num_heads: int, device) -> Dict[str, Any]:
-    """ctx.options with the layer config's values on top (as sparge.attn does)."""
-    opts = dict(ctx.options)
-    if ctx.config is not None:
-        from ..config import resolve
-
-        over = resolve(ctx.config, num_heads, device)
-        for name in ("sim_threshold", "pv_threshold"):
-            if name in over:
-                opts[name] = over[name]
-        for mine, other in (("cdf_threshold", "topk"), ("topk", "cdf_threshold")):
-            if over.get(mine) is not None:
-                opts[mine] = over[mine]
-                opts.pop(other, None)
-    return opts
-
-
 def causal_mask(Lq: int, Lk: int, alignment: str, device) -> torch.Tensor:
     """[Lq, Lk] bool, True where query i sees key j."""
-    from ..reference import last_visible_key
-
-    e = last_visible_key(Lq, Lk, alignment, device)
+    e = functional.reference.last_visible_key(Lq, Lk, alignment, device)
     return torch.arange(Lk, device=device)[None, :] <= e[:, None]
 
 

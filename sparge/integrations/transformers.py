@@ -41,6 +41,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .. import functional
 from . import _common
 from ._common import CallContext, StatsRecorder, note_fallback
 
@@ -71,31 +72,35 @@ def _tf():
 # --------------------------------------------------------------------------
 # The mask function
 # --------------------------------------------------------------------------
+_mu = None
 _signature = None
 
 
-def _sdpa_mask_signature():
-    global _signature
-    if _signature is None:
+def _masking_utils():
+    """transformers.masking_utils and sdpa_mask's signature, resolved once in
+    eager code (register): torch.compile cannot trace an import of
+    transformers' lazy modules (torch 2.11 breaks the graph there)."""
+    global _mu, _signature
+    if _mu is None:
         import inspect
 
-        from transformers import masking_utils as mu
+        from transformers import masking_utils
 
-        _signature = inspect.signature(mu.sdpa_mask)
-    return _signature
+        _signature = inspect.signature(masking_utils.sdpa_mask)
+        _mu = masking_utils
+    return _mu
 
 
 def mask_function(*args, **kwargs):
     """transformers' ``sdpa_mask``, plus a note on the returned mask saying how
     it was built, so the attention function can run it natively without reading
     the mask's values."""
-    from transformers import masking_utils as mu
-
+    mu = _mu if _mu is not None else _masking_utils()
     mask = mu.sdpa_mask(*args, **kwargs)
     if not isinstance(mask, torch.Tensor):
         return mask
     if args:
-        kwargs = _sdpa_mask_signature().bind(*args, **kwargs).arguments
+        kwargs = _signature.bind(*args, **kwargs).arguments
     fn = kwargs.get("mask_function", mu.causal_mask_function)
     kind = "causal" if fn is mu.causal_mask_function else "full" if fn is mu.bidirectional_mask_function else None
     q_off, kv_off = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
@@ -143,8 +148,6 @@ def _decompose(mask: torch.Tensor, Lq: int, Lk: int):
     if torch.compiler.is_compiling():
         return None
     # no note: compare against the three candidate patterns (one sync, cached on the mask)
-    from .. import functional
-
     dec = functional._decompose_bool_mask(mask, Lq, Lk)
     result = None
     if dec is not None:
@@ -233,7 +236,7 @@ def register(**options: Any) -> None:
     global _default_ctx
     opts = _common.check_options(options, "register")
     tf = _tf()
-    from transformers.masking_utils import AttentionMaskInterface
+    AttentionMaskInterface = _masking_utils().AttentionMaskInterface
 
     with _lock:
         tf.AttentionInterface.register(NAME, attention_forward)
