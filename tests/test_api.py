@@ -315,3 +315,23 @@ def test_key_padding_mask_with_causal(alignment):
         torch.manual_seed(0)
         out = sparge.attn(q, k, v, is_causal=True, causal_alignment=alignment, key_padding_mask=pad, dropout_p=1e-9)
     assert (out - ref).abs().max() < 1e-4
+
+
+def test_decompose_bool_mask():
+    from sparge.functional import _decompose_bool_mask
+
+    pad = torch.ones(2, 50, dtype=torch.bool)
+    pad[1, :7] = False
+    for alignment in (None, "top_left", "bottom_right"):
+        m = pad[:, None, None, :].expand(2, 1, 40, 50)
+        if alignment is not None:
+            e = sparge.reference.last_visible_key(40, 50, alignment)
+            m = m & (torch.arange(50)[None, :] <= e[:, None])
+        got = _decompose_bool_mask(m, 40, 50)
+        assert got is not None and got[0] == alignment
+        # keys no query sees are padding too (top-left: keys past the last query)
+        assert torch.equal(got[1], m[:, 0].any(1))
+    band = torch.ones(40, 50, dtype=torch.bool).tril(10).triu(-5)  # sliding window: not causal AND padding
+    assert _decompose_bool_mask(band, 40, 50) is None
+    assert _decompose_bool_mask(torch.zeros(1, 1, 40, 50), 40, 50) is None  # float mask
+    assert _decompose_bool_mask(torch.ones(2, 3, 40, 50, dtype=torch.bool), 40, 50) is None  # per-head mask
