@@ -208,6 +208,30 @@ def test_sparse_runs_and_reports_density(name):
     assert torch.equal(_run(m, kw), ref)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torch_compile_fullgraph(name):
+    """Sparse attention traced without graph breaks, CogVideoX's routed
+    processors included: compiled output equals eager sparge output."""
+    import torch._dynamo
+
+    m, kw, grid = _sparse_setting(name)
+    native = _run(m, kw)
+    sdf.apply(m, hilbert_grid=grid, sim_threshold=-1.0, topk=0.3, pv_threshold=8.0)
+    try:
+        eager = _run(m, kw)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            expl = torch._dynamo.explain(m)(**kw)
+            assert expl.graph_break_count == 0, [str(r.reason)[:200] for r in expl.break_reasons]
+            compiled = torch.compile(m, fullgraph=True)(**kw)[0]
+        _close(compiled, eager, f"{name}: compiled vs eager", atol=1e-4)
+        assert (eager - native).abs().max() > 1e-3, "the sparse setting changed nothing: did sparge run?"
+        _no_fallbacks()
+    finally:
+        sdf.remove(m)
+        torch._dynamo.reset()
+
+
 def test_layer_config_by_module_path():
     m, kw, grid = wan(frames=4, side=32)
     cfg = sparge.SpargeConfig({"blocks.0.attn1": sparge.LayerConfig(sim_threshold=1.0, topk=0.1)},
@@ -221,20 +245,22 @@ def test_layer_config_by_module_path():
 
 
 def test_cogvideox_processor_is_routed_not_replaced():
-    """CogVideoX calls F.scaled_dot_product_attention itself: the call is routed
-    inside the module's forward only, and the processor stays the same object."""
+    """CogVideoX calls F.scaled_dot_product_attention itself: the router is
+    installed while the model is applied, calls are routed inside the module's
+    forward only, and the processor stays the same object."""
     m, kw, _ = cogvideox()
     procs = {n: p for n, p in m.attn_processors.items()}
     sdf.apply(m, topk=1.0, record_stats=True)
     assert {n: p for n, p in m.attn_processors.items()} == procs
-    assert not ssdpa.is_patched()
+    assert ssdpa.is_patched()
     _run(m, kw)
-    assert not ssdpa.is_patched()
     calls = sdf.density(m)["total"]["calls"]
+    assert calls > 0
     q = torch.randn(1, 2, 64, 16)
-    F.scaled_dot_product_attention(q, q, q)  # outside the model: not routed
-    assert sdf.density(m)["total"]["calls"] == calls
+    assert torch.equal(F.scaled_dot_product_attention(q, q, q), ssdpa.original_sdpa()(q, q, q))
+    assert sdf.density(m)["total"]["calls"] == calls  # outside the model: not routed
     sdf.remove(m)
+    assert not ssdpa.is_patched()
 
 
 def test_routing_scope_closed_when_forward_raises():
@@ -244,8 +270,9 @@ def test_routing_scope_closed_when_forward_raises():
     bad = torch.randn(1, 5, 7)  # wrong hidden size
     with pytest.raises(RuntimeError):
         attn(bad, bad)
-    assert not ssdpa.is_patched()
+    assert ssdpa._stack() == [], "the module's routing scope stayed open"
     sdf.remove(m)
+    assert not ssdpa.is_patched()
 
 
 def test_threads_share_a_model():

@@ -21,7 +21,10 @@ processors that go through the dispatcher (those with an ``_attention_backend``
 attribute) get the ``"sparge"`` backend; processors that call
 ``F.scaled_dot_product_attention`` directly (e.g. CogVideoX's) are routed by a
 per-thread SDPA scope around the module's forward (``sparge.patch_sdpa``'s
-mechanism). Forward hooks on each module give every call its module path (the
+mechanism). For such models the SDPA router stays installed from ``apply``
+to ``remove`` (SDPA calls outside the modules' forwards pass through to torch
+unchanged), so the hooks only push and pop scopes: no lock in the traced
+code, and ``torch.compile(fullgraph=True)`` runs without graph breaks. Forward hooks on each module give every call its module path (the
 key into a ``SpargeConfig``), options, Hilbert grid and density recorder.
 
 Hilbert reordering permutes the ``prod(grid)`` visual tokens of Q and of K/V
@@ -229,16 +232,20 @@ class _Applied:
         self.backends: List[Tuple[Any, Any]] = []  # (processor, its previous _attention_backend)
         self.contexts: List[CallContext] = []
         self.stats: Optional[StatsRecorder] = None
+        self.router_held = False  # the SDPA router installed for the model's lifetime
 
 
-def _enter(ctx: CallContext, module, args):
+def _enter(ctx: CallContext, state: "_Applied", module, args):
     proc = getattr(module, "processor", None)
     routed = not hasattr(proc, "_attention_backend")
+    held = routed and state.router_held
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
-    stack.append((ctx, routed))
-    if routed:
+    stack.append((ctx, routed, held))
+    if held:
+        _sdpa.push(ctx)  # no lock: this runs inside code torch.compile traces
+    elif routed:
         _sdpa.enter(ctx)
 
 
@@ -246,8 +253,10 @@ def _exit(ctx: CallContext, module, args, output):
     stack = getattr(_local, "stack", None)
     for i in range(len(stack or ()) - 1, -1, -1):
         if stack[i][0] is ctx:
-            _, routed = stack.pop(i)
-            if routed:
+            _, routed, held = stack.pop(i)
+            if held:
+                _sdpa.pop(ctx)
+            elif routed:
                 _sdpa.exit(ctx)
             break
 
@@ -311,7 +320,12 @@ def apply(model, config=None, hilbert_grid=None, *, text_first: Optional[bool] =
             if all(p is not proc for p, _ in state.backends):  # processors may be shared by modules
                 state.backends.append((proc, proc.__dict__.get("_attention_backend", _MISSING)))
             proc._attention_backend = member
-        state.hooks.append(mod.register_forward_pre_hook(functools.partial(_enter, ctx)))
+        if proc is not None and not hasattr(proc, "_attention_backend") and not state.router_held:
+            # a processor that calls SDPA itself: keep the router installed while
+            # the model is applied, so the hooks only push and pop scopes
+            _sdpa.hold()
+            state.router_held = True
+        state.hooks.append(mod.register_forward_pre_hook(functools.partial(_enter, ctx, state)))
         state.hooks.append(mod.register_forward_hook(functools.partial(_exit, ctx), always_call=True))
     if grid_fn is not None:
         def set_grid(module, args, kwargs):
@@ -332,6 +346,9 @@ def remove(model) -> torch.nn.Module:
     if state is not None:
         for h in state.hooks:
             h.remove()
+        if state.router_held:
+            _sdpa.unhold()
+            state.router_held = False
         for proc, prev in state.backends:
             if prev is _MISSING:
                 proc.__dict__.pop("_attention_backend", None)

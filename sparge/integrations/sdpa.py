@@ -96,21 +96,41 @@ def _release() -> None:
                           stacklevel=3)
 
 
-def enter(ctx: CallContext) -> None:
-    """Open a routing scope for this thread (``exit(ctx)`` closes it)."""
+def hold() -> None:
+    """Install the router until ``unhold()``, with no scope opened: for callers
+    (the diffusers integration) that open scopes with ``push``/``pop`` inside
+    code torch.compile traces, where taking the lock would break the graph."""
     _acquire()
+
+
+def unhold() -> None:
+    _release()
+
+
+def push(ctx: CallContext) -> None:
+    """Open a routing scope for this thread while the router is held (``pop(ctx)`` closes it)."""
     _stack().append(ctx)
 
 
-def exit(ctx: CallContext) -> None:  # noqa: A001 - pairs with enter
+def pop(ctx: CallContext) -> bool:
+    """Close this thread's innermost scope of ``ctx``; False when it has none."""
     stack = _stack()
     for i in range(len(stack) - 1, -1, -1):
         if stack[i] is ctx:
             del stack[i]
-            break
-    else:
-        return  # never entered on this thread: nothing to release
-    _release()
+            return True
+    return False
+
+
+def enter(ctx: CallContext) -> None:
+    """Open a routing scope for this thread (``exit(ctx)`` closes it)."""
+    _acquire()
+    push(ctx)
+
+
+def exit(ctx: CallContext) -> None:  # noqa: A001 - pairs with enter
+    if pop(ctx):  # else never entered on this thread: nothing to release
+        _release()
 
 
 def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> Optional[str]:
