@@ -233,12 +233,15 @@ def _decompose_bool_mask(mask: torch.Tensor, Lq: int, Lk: int):
         return None
     m = mask.reshape(full[0], full[2], Lk)
     kp = m.any(dim=1)  # [B, Lk]: keys some query sees
-    for alignment in (None, "top_left", "bottom_right"):
+    candidates = (None, "top_left", "bottom_right")
+    hits = []
+    for alignment in candidates:  # one at a time: at most two [B, Lq, Lk] temporaries alive
         want = kp[:, None, :]
         if alignment is not None:
-            e = reference.last_visible_key(Lq, Lk, alignment, mask.device)
-            want = want & (torch.arange(Lk, device=mask.device)[None, :] <= e[:, None])[None]
-        if bool((m == want).all()):
+            want = want & reference.visible_keys(Lq, Lk, alignment, mask.device)[None]
+        hits.append((m == want).all())
+    for alignment, hit in zip(candidates, torch.stack(hits).tolist()):  # one host synchronization
+        if hit:
             return alignment, kp
     return None
 
@@ -519,15 +522,13 @@ def _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, scale, layout, return_
         # [B, 1, Lq or 1, Lk]; rows that see no key give 0, as the kernel does
         mask = key_padding[:, None, None, :]
         if causal is not None:
-            e = reference.last_visible_key(Lq, Lk, causal, q.device)
-            mask = mask & (torch.arange(Lk, device=q.device)[None, :] <= e[:, None])
+            mask = mask & reference.visible_keys(Lq, Lk, causal, q.device)
     elif causal == "top_left" or (causal == "bottom_right" and Lq == Lk):
         sdpa_causal = True  # torch's own causal kernels, no mask tensor
         if return_lse:
             mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     elif causal is not None:
-        e = reference.last_visible_key(Lq, Lk, causal, q.device)
-        mask = torch.arange(Lk, device=q.device)[None, :] <= e[:, None]
+        mask = reference.visible_keys(Lq, Lk, causal, q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if sdpa_causal else mask, dropout_p=dropout_p,
                                          is_causal=sdpa_causal, scale=scale)
     if key_padding is not None:

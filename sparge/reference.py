@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["compressed_probs", "predict", "block_sparse_attn", "attn", "allowed_blocks", "last_visible_key", "block_similarity"]
+__all__ = ["compressed_probs", "predict", "block_sparse_attn", "attn", "allowed_blocks", "last_visible_key", "visible_keys", "block_similarity"]
 
 SIM_EPS = 1e-6
 LOG2E = math.log2(math.e)
@@ -31,6 +31,12 @@ def last_visible_key(Lq: int, Lk: int, causal: Optional[str], device=None) -> to
         return torch.full((Lq,), Lk - 1, dtype=torch.long, device=device)
     offset = 0 if causal == "top_left" else Lk - Lq
     return (r + offset).clamp(max=Lk - 1)
+
+
+def visible_keys(Lq: int, Lk: int, causal: Optional[str], device=None) -> torch.Tensor:
+    """[Lq, Lk] bool: True where query i sees key j under the causal alignment."""
+    e = last_visible_key(Lq, Lk, causal, device)
+    return torch.arange(Lk, device=device)[None, :] <= e[:, None]
 
 
 def allowed_blocks(Lq: int, Lk: int, bq: int, bk: int, causal: Optional[str], device=None) -> torch.Tensor:

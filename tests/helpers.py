@@ -11,8 +11,7 @@ from sparge import reference
 def element_mask(block_mask, Lq, Lk, bq, bk, causal=None, key_padding=None):
     """[B, H, Lq, Lk] bool: block mask expanded to elements, with causal and padding."""
     m = block_mask.repeat_interleave(bq, dim=2)[:, :, :Lq].repeat_interleave(bk, dim=3)[..., :Lk]
-    e = reference.last_visible_key(Lq, Lk, causal, block_mask.device)
-    m = m & (torch.arange(Lk, device=m.device)[None, :] <= e[:, None])
+    m = m & reference.visible_keys(Lq, Lk, causal, block_mask.device)
     if key_padding is not None:
         m = m & key_padding[:, None, None, :]
     return m

@@ -231,12 +231,6 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
     return out
 
 
-def causal_mask(Lq: int, Lk: int, alignment: str, device) -> torch.Tensor:
-    """[Lq, Lk] bool, True where query i sees key j."""
-    e = functional.reference.last_visible_key(Lq, Lk, alignment, device)
-    return torch.arange(Lk, device=device)[None, :] <= e[:, None]
-
-
 def attention(q, k, v, *, causal: Optional[str], key_padding: Optional[torch.Tensor], scale=None,
               ctx: Optional[CallContext] = None):
     """[B, H, L, D] attention with an optional causal alignment and key padding
