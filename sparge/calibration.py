@@ -476,14 +476,16 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
         ref = out
         if attn_mask is not None and attn_mask.dtype == torch.bool and not is_causal and key_padding_mask is None:
             # a causal LM's padded batch: causal pattern AND key padding, which
-            # sparge runs natively (the reference is then recomputed so that rows
-            # seeing no key give 0 on both sides)
+            # sparge runs natively; rows that see no key give 0 there, so they
+            # are set to 0 in the captured reference too
             s = 2 if layout == "bhsd" else 1
             dec = _fn._decompose_bool_mask(attn_mask, query.shape[s], key.shape[s])
             if dec is not None and (dec[0] is not None or _fn._key_padding(
                     attn_mask, query.shape[0], 1, query.shape[s], key.shape[s])[1] is not None):
+                seen = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).any(-1, keepdim=True)
+                ref = out.masked_fill(~(seen if layout == "bhsd" else seen.transpose(1, 2)), 0.0)
                 alignment, key_padding_mask = dec[0] or "top_left", dec[1]
-                is_causal, attn_mask, ref = dec[0] is not None, None, None
+                is_causal, attn_mask = dec[0] is not None, None
         try:
             head_dim = 1 if layout == "bhsd" else 2
             rec = calibrate_layer(query, key, value, attn_mask, is_causal, scale,
@@ -507,6 +509,7 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
     try:
         with torch.no_grad():
             for x in (bar if bar is not None else inputs):
+                cap.counter = 0  # a callable's calls are keyed by their order within one input
                 if run is not None:
                     run(model, x)
                 elif isinstance(x, tuple):

@@ -133,6 +133,13 @@ def test_calibrate_captures_sparge_attn_calls_and_runs_dense():
 
     res = calibrate(_SpargeModel(), [(q, k, v)], run=run, progress=False)
     assert list(res.config) == ["attention.0"]  # no submodule runs around the call
+
+    def two_calls(q, k, v):  # a plain callable: calls keyed by their order within each input
+        F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    res2 = calibrate(two_calls, [(q, k, v), (q, k, v)], progress=False)
+    assert res2.config.metadata["calls"] == {"attention.0": 2, "attention.1": 2}
     assert torch.allclose(outs[0], F.scaled_dot_product_attention(q, k, v), atol=1e-6)
     assert sparge.functional._observer is None
 
