@@ -25,6 +25,14 @@
 //      fits the device's shared memory.
 // Q is read once and K twice from global memory.
 //
+// On sm90 launches 2-4 are programmatic dependent launches: every CTA of the
+// previous launch allows the next one at its start, so the next launch's CTAs
+// take the SMs the previous one's last wave leaves idle; they wait
+// (griddepcontrol.wait: until the previous grid has completed and its writes
+// are visible) before reading its results. Phase-1 CTAs issue the loads of
+// their first K rows (inputs, not results) before waiting. Elsewhere these
+// are plain launches and the two instructions are not compiled in.
+//
 // Pooling loads rows with 16-byte vectors when q and k allow it (D a multiple
 // of the vector, aligned pointers and strides), else element by element. Each
 // row is held by TPR = min(32, pow2ceil(D / VEC)) lanes, CH vectors per lane.
@@ -65,6 +73,19 @@ constexpr int kLd = kDC + 4;     // smem row stride (floats): 144 B, conflict-fr
 constexpr int kMaxNk = 4096;
 
 enum { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// Programmatic dependent launch (sm90+): allow the next launch to start /
+// wait for the previous launch's completion. No-ops for a plain launch.
+__device__ __forceinline__ void pdl_allow_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_prev() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
 __device__ __forceinline__ bool finite_f(float x) {
@@ -160,6 +181,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
   const int rg = tid >> p.log_tpr;
   const int RG = kPoolThreads >> p.log_tpr;
   const int nv = p.D / VEC;
+  pdl_allow_next();
 
   int mode;
   int64_t job = blockIdx.x;
@@ -197,12 +219,9 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
 
   float kmv[CH][VEC];
 #pragma unroll
-  for (int m = 0; m < CH; ++m) {
-    const int v = lr + m * tpr;
+  for (int m = 0; m < CH; ++m)
 #pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      kmv[m][e] = (mode == 2 && v < nv) ? p.km[bg * p.Dp + v * VEC + e] : 0.f;
-  }
+    for (int e = 0; e < VEC; ++e) kmv[m][e] = 0.f;
 
   float s[CH][VEC], u[CH][VEC];
 #pragma unroll
@@ -222,6 +241,26 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
         raw[uu][m] = (r < n && v < nv)
                          ? load_raw<DT, VEC>(base + ((int64_t)r * rs + (int64_t)v * VEC) * ES)
                          : zero_raw<DT, VEC>();
+      }
+    }
+    if (mode == 2 && rb == 0) {
+      // K rows are inputs: the first ones are in flight while phase 1 waits
+      // for km, a result of phase 0.
+      pdl_wait_prev();
+#pragma unroll
+      for (int m = 0; m < CH; ++m) {
+        const int v = lr + m * tpr;
+        const float *src = p.km + bg * p.Dp + v * VEC;
+        if constexpr (VEC % 4 == 0) {
+#pragma unroll
+          for (int e = 0; e < VEC; e += 4) {
+            const float4 t = v < nv ? *reinterpret_cast<const float4 *>(src + e) : make_float4(0.f, 0.f, 0.f, 0.f);
+            kmv[m][e] = t.x; kmv[m][e + 1] = t.y; kmv[m][e + 2] = t.z; kmv[m][e + 3] = t.w;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) kmv[m][e] = v < nv ? src[e] : 0.f;
+        }
       }
     }
 #pragma unroll
@@ -262,13 +301,22 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
   float *red_w = red_u + kPoolThreads * CH * VEC;
   const int dpc = tpr * CH * VEC; // channels (padded) of one row group
 #pragma unroll
-  for (int m = 0; m < CH; ++m)
+  for (int m = 0; m < CH; ++m) {
+    const int idx = rg * dpc + (lr + m * tpr) * VEC;
+    if constexpr (VEC % 4 == 0) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const int idx = rg * dpc + (lr + m * tpr) * VEC + e;
-      red_s[idx] = s[m][e];
-      red_u[idx] = u[m][e];
+      for (int e = 0; e < VEC; e += 4) {
+        *reinterpret_cast<float4 *>(red_s + idx + e) = make_float4(s[m][e], s[m][e + 1], s[m][e + 2], s[m][e + 3]);
+        *reinterpret_cast<float4 *>(red_u + idx + e) = make_float4(u[m][e], u[m][e + 1], u[m][e + 2], u[m][e + 3]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        red_s[idx + e] = s[m][e];
+        red_u[idx + e] = u[m][e];
+      }
     }
+  }
   __syncthreads();
 
   const float fn = (float)n;
@@ -305,17 +353,18 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
 __global__ void __launch_bounds__(kKmThreads)
     km_kernel(const float *__restrict__ ksum, float *__restrict__ km, const int64_t nk, const int Dp,
               const float fLk) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  float *part = reinterpret_cast<float *>(smem); // [16][32]
+  __shared__ float part[kKmThreads]; // [16][32]
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t bg = blockIdx.x;
   const int c = blockIdx.y * 32 + lane;
   constexpr int NW = kKmThreads / 32;
   const int64_t j0 = nk * w / NW, j1 = nk * (w + 1) / NW;
+  pdl_allow_next();
+  pdl_wait_prev();
   float acc = 0.f;
   if (c < Dp) {
     const float *src = ksum + bg * nk * Dp + c;
-#pragma unroll 8
+#pragma unroll 16
     for (int64_t j = j0; j < j1; ++j) acc += src[j * Dp];
   }
   part[w * 32 + lane] = acc;
@@ -343,8 +392,9 @@ struct SelParams {
 
 // Shared memory of select_kernel: the score/key tile [QT][NPAD] (uint32,
 // fp32 bits then sort keys), a union of the score-chunk staging (k̄ and q̄
-// chunks) and the CTA sort exchange buffer, and 8 floats + 8 ints for
-// CTA-wide reductions.
+// chunks) and the CTA sort exchange buffer, 8 floats + 8 ints for CTA-wide
+// reductions, and the head's k-block and the tile's q-block similarities
+// (read many times, loaded once).
 template <int TM, int IPT, bool CTA> struct SelCfg {
   static constexpr int QT = 4 * TM;
   static constexpr int G = CTA ? kSelThreads : 32;
@@ -354,7 +404,8 @@ template <int TM, int IPT, bool CTA> struct SelCfg {
   static constexpr size_t sort_bytes = CTA ? (size_t)NPAD * 4 : 0;
   static constexpr size_t uni_bytes = gemm_bytes > sort_bytes ? gemm_bytes : sort_bytes;
   static constexpr size_t red_off = s_bytes + uni_bytes;
-  static constexpr size_t smem = red_off + 64;
+  static constexpr size_t sim_off = red_off + 64;
+  static constexpr size_t smem = sim_off + (size_t)(NPAD + QT) * 4;
 };
 
 // Causal extent of q-block i (mirrors predict.c): k-blocks 0..nal-1 are
@@ -578,15 +629,15 @@ __device__ __forceinline__ void bitonic_desc(uint32_t (&key)[IPT], uint32_t *xbu
 // One mask row: q-block i of (b, h). Srow holds the row's scores (fp32 bits,
 // entries j < nal valid); the group is a warp or the CTA.
 template <int IPT, bool CTA>
-__device__ void select_row(const SelParams &p, uint32_t *Srow, uint32_t *xbuf, float *rf, int *ri,
+__device__ __forceinline__ void select_row(const SelParams &p, uint32_t *Srow, uint32_t *xbuf, float *rf, int *ri,
                            const int64_t b, const int64_t h, const int64_t i, const float theta,
-                           const float sel, const float *ksim) {
+                           const float sel, const float *ksim, const float qsim) {
   using Gp = Grp<CTA>;
   constexpr int G = CTA ? kSelThreads : 32;
   const int gid = Gp::id();
   int nal, jd0, jd1;
   row_extent(p, i, nal, jd0, jd1);
-  const bool qfix = !(p.qsim[(b * p.Hq + h) * p.nq + i] > theta);
+  const bool qfix = !(qsim > theta);
 
   int T = 0, need_eq = 0; // kept: keys > pbk, and the first need_eq keys == pbk
   uint32_t pbk = 0;
@@ -699,10 +750,11 @@ __device__ void select_row(const SelParams &p, uint32_t *Srow, uint32_t *xbuf, f
 }
 
 template <int TM, int IPT, bool CTA>
-__global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) {
+__global__ void __launch_bounds__(kSelThreads, 2) select_kernel(const SelParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   using C = SelCfg<TM, IPT, CTA>;
   constexpr int QT = C::QT, NPAD = C::NPAD;
+  pdl_wait_prev(); // everything below reads launch 1 and 2 results
   uint32_t *S = reinterpret_cast<uint32_t *>(smem);
   float *Ks = reinterpret_cast<float *>(smem + C::s_bytes); // [kJC][kLd]
   float *Qs = Ks + kJC * kLd;                               // [QT][kLd]
@@ -719,7 +771,11 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) 
   const float theta = p.theta[h * p.theta_stride];
   const float sel = p.selp[h * p.selp_stride];
   const float *kbar = p.kbar + bg * p.nk * p.Dp;
-  const float *ksim = p.ksim + bg * p.nk;
+  float *ksim = reinterpret_cast<float *>(smem + C::sim_off); // [nk], then the tile's q-block sims
+  float *qsim = ksim + NPAD;
+  for (int j = tid; j < p.nk; j += kSelThreads) ksim[j] = p.ksim[bg * p.nk + j];
+  if (tid < QT) qsim[tid] = i0 + tid < p.nq ? p.qsim[bh * p.nq + i0 + tid] : 0.f;
+  __syncthreads();
   const float *qbar = p.qbar + bh * p.nq * p.Dp;
 
   // ---- scores S[t][j] = scale * q̄_{i0+t} . k̄_j for j < jlim -------------
@@ -737,27 +793,26 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) 
 
     float4 kreg[4];
     float4 qreg = make_float4(0.f, 0.f, 0.f, 0.f);
-    auto fetch = [&](int chunk) {
-      const int jc = chunk / ndc, dc = chunk - jc * ndc;
+    // Thread tid stages rows (tid >> 3) + 32 kk of a chunk, channels
+    // (tid & 7) * 4 .. +3 (and q̄ row tid >> 3 of the tile).
+    const int jr0 = tid >> 3, c0 = (tid & 7) * 4, Dp = p.Dp, nk = (int)p.nk;
+    const float *kthr = kbar + jr0 * Dp + c0;
+    const bool qrow = tid < QT * 8 && i0 + jr0 < p.nq;
+    const float *qthr = qbar + (i0 + jr0) * Dp + c0;
+    auto fetch = [&](int jc, int dc) {
+      const bool cok = dc * kDC + c0 < Dp;
+      const float *src = kthr + jc * kJC * Dp + dc * kDC;
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const int f = tid + kSelThreads * kk;
-        const int j = jc * kJC + (f >> 3), c = dc * kDC + (f & 7) * 4;
-        kreg[kk] = (j < p.nk && c < p.Dp) ? *reinterpret_cast<const float4 *>(kbar + (int64_t)j * p.Dp + c)
-                                          : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      if (tid < QT * 8) {
-        const int64_t i = i0 + (tid >> 3);
-        const int c = dc * kDC + (tid & 7) * 4;
-        qreg = (i < p.nq && c < p.Dp) ? *reinterpret_cast<const float4 *>(qbar + i * p.Dp + c)
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+      for (int kk = 0; kk < 4; ++kk)
+        kreg[kk] = cok && jc * kJC + jr0 + 32 * kk < nk ? *reinterpret_cast<const float4 *>(src + 32 * kk * Dp)
+                                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (qrow) qreg = cok ? *reinterpret_cast<const float4 *>(qthr + dc * kDC) : make_float4(0.f, 0.f, 0.f, 0.f);
     };
 
     float acc[TM][2];
-    if (nchunks > 0) fetch(0);
-    for (int ch = 0; ch < nchunks; ++ch) {
-      const int jc = ch / ndc, dc = ch - jc * ndc;
+    if (nchunks > 0) fetch(0, 0);
+    for (int ch = 0, jc = 0, dc = 0; ch < nchunks; ++ch) {
+      const int jn = dc + 1 == ndc ? jc + 1 : jc, dn = dc + 1 == ndc ? 0 : dc + 1; // next chunk
       if (dc == 0) {
 #pragma unroll
         for (int m = 0; m < TM; ++m) acc[m][0] = acc[m][1] = 0.f;
@@ -770,7 +825,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) 
       }
       if (tid < QT * 8) *reinterpret_cast<float4 *>(Qs + (tid >> 3) * kLd + (tid & 7) * 4) = qreg;
       __syncthreads();
-      if (ch + 1 < nchunks) fetch(ch + 1); // in flight during the FMAs
+      if (ch + 1 < nchunks) fetch(jn, dn); // in flight during the FMAs
 #pragma unroll
       for (int c4 = 0; c4 < kDC / 4; ++c4) {
         float4 kv[2];
@@ -803,6 +858,8 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) 
           }
         }
       }
+      jc = jn;
+      dc = dn;
     }
     __syncthreads(); // scores complete; the staging area is free
   }
@@ -811,7 +868,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) 
   if constexpr (CTA) {
     for (int t = 0; t < QT; ++t) {
       const int64_t i = i0 + t;
-      if (i < p.nq) select_row<IPT, true>(p, S + t * NPAD, xbuf, rf, ri, b, h, i, theta, sel, ksim);
+      if (i < p.nq) select_row<IPT, true>(p, S + t * NPAD, xbuf, rf, ri, b, h, i, theta, sel, ksim, qsim[t]);
     }
   } else {
     // A row sorts only next_pow2(its allowed k-blocks) keys (causal rows are
@@ -822,11 +879,12 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const SelParams p) 
       int nal, unused0, unused1;
       row_extent(p, i, nal, unused0, unused1);
       uint32_t *Srow = S + t * NPAD;
-      if (IPT >= 16 && nal > 256) select_row<IPT, false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim);
-      else if (IPT >= 8 && nal > 128) select_row<(IPT < 8 ? IPT : 8), false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim);
-      else if (IPT >= 4 && nal > 64) select_row<(IPT < 4 ? IPT : 4), false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim);
-      else if (IPT >= 2 && nal > 32) select_row<(IPT < 2 ? IPT : 2), false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim);
-      else select_row<1, false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim);
+      const float qs = qsim[t];
+      if (IPT >= 16 && nal > 256) select_row<IPT, false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim, qs);
+      else if (IPT >= 8 && nal > 128) select_row<(IPT < 8 ? IPT : 8), false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim, qs);
+      else if (IPT >= 4 && nal > 64) select_row<(IPT < 4 ? IPT : 4), false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim, qs);
+      else if (IPT >= 2 && nal > 32) select_row<(IPT < 2 ? IPT : 2), false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim, qs);
+      else select_row<1, false>(p, Srow, xbuf, rf, ri, b, h, i, theta, sel, ksim, qs);
     }
   }
 }
@@ -870,32 +928,51 @@ int log2i(int x) {
   return l;
 }
 
+// A launch on st; a programmatic dependent one (PDL, sm90+) when pdl is set.
+template <typename... Args>
+cudaError_t launch(void (*kfn)(Args...), dim3 blocks, unsigned threads, size_t smem, cudaStream_t st, bool pdl,
+                   Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = blocks;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kfn, args...);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err;
+}
+
 template <int DT, int VEC, int CH>
-sparge_status_t launch_pool(const PoolParams &pp, int phase, int64_t blocks, cudaStream_t st) {
+sparge_status_t launch_pool(const PoolParams &pp, int phase, int64_t blocks, cudaStream_t st, bool pdl) {
   const size_t smem = pool_smem_bytes<CH, VEC>();
-  pool_kernel<DT, VEC, CH><<<(unsigned)blocks, kPoolThreads, smem, st>>>(pp, phase);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch(pool_kernel<DT, VEC, CH>, (unsigned)blocks, kPoolThreads, smem, st,
+                                 pdl && phase == 1, pp, phase);
   if (err != cudaSuccess) return cuda_fail(err, phase == 0 ? "pooling launch" : "smoothed K pooling launch");
   return SPARGE_SUCCESS;
 }
 
 template <int DT>
 sparge_status_t launch_pool_dt(int vec, int ch, const PoolParams &pp, int phase, int64_t blocks,
-                               cudaStream_t st) {
+                               cudaStream_t st, bool pdl) {
   constexpr int VF = DT == kF32 ? 4 : 8;
   if (vec == VF) {
     switch (ch) {
-      case 1: return launch_pool<DT, VF, 1>(pp, phase, blocks, st);
-      case 2: return launch_pool<DT, VF, 2>(pp, phase, blocks, st);
-      case 4: return launch_pool<DT, VF, 4>(pp, phase, blocks, st);
+      case 1: return launch_pool<DT, VF, 1>(pp, phase, blocks, st, pdl);
+      case 2: return launch_pool<DT, VF, 2>(pp, phase, blocks, st, pdl);
+      case 4: return launch_pool<DT, VF, 4>(pp, phase, blocks, st, pdl);
       default: break;
     }
   } else {
     switch (ch) {
-      case 1: return launch_pool<DT, 1, 1>(pp, phase, blocks, st);
-      case 2: return launch_pool<DT, 1, 2>(pp, phase, blocks, st);
-      case 4: return launch_pool<DT, 1, 4>(pp, phase, blocks, st);
-      case 8: return launch_pool<DT, 1, 8>(pp, phase, blocks, st);
+      case 1: return launch_pool<DT, 1, 1>(pp, phase, blocks, st, pdl);
+      case 2: return launch_pool<DT, 1, 2>(pp, phase, blocks, st, pdl);
+      case 4: return launch_pool<DT, 1, 4>(pp, phase, blocks, st, pdl);
+      case 8: return launch_pool<DT, 1, 8>(pp, phase, blocks, st, pdl);
       default: break;
     }
   }
@@ -903,14 +980,14 @@ sparge_status_t launch_pool_dt(int vec, int ch, const PoolParams &pp, int phase,
 }
 
 sparge_status_t launch_pool_any(int dt, int vec, int ch, const PoolParams &pp, int phase, int64_t blocks,
-                                cudaStream_t st) {
-  if (dt == kF32) return launch_pool_dt<kF32>(vec, ch, pp, phase, blocks, st);
-  if (dt == kF16) return launch_pool_dt<kF16>(vec, ch, pp, phase, blocks, st);
-  return launch_pool_dt<kBF16>(vec, ch, pp, phase, blocks, st);
+                                cudaStream_t st, bool pdl) {
+  if (dt == kF32) return launch_pool_dt<kF32>(vec, ch, pp, phase, blocks, st, pdl);
+  if (dt == kF16) return launch_pool_dt<kF16>(vec, ch, pp, phase, blocks, st, pdl);
+  return launch_pool_dt<kBF16>(vec, ch, pp, phase, blocks, st, pdl);
 }
 
 template <int TM, int IPT, bool CTA>
-sparge_status_t launch_select(SelParams sp, int64_t BH, cudaStream_t st, size_t smem_max) {
+sparge_status_t launch_select(SelParams sp, int64_t BH, cudaStream_t st, size_t smem_max, bool pdl) {
   using C = SelCfg<TM, IPT, CTA>;
   if (C::smem > smem_max)
     return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
@@ -927,19 +1004,18 @@ sparge_status_t launch_select(SelParams sp, int64_t BH, cudaStream_t st, size_t 
         cudaFuncSetAttribute(kfn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem);
     if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute (selection)");
   }
-  kfn<<<(unsigned)blocks, kSelThreads, C::smem, st>>>(sp);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch(kfn, (unsigned)blocks, kSelThreads, C::smem, st, pdl, sp);
   if (err != cudaSuccess) return cuda_fail(err, "selection launch");
   return SPARGE_SUCCESS;
 }
 
 // CTA-wide rows (nk > 512): the largest row tile whose scores fit.
 template <int IPT>
-sparge_status_t launch_select_cta(const SelParams &sp, int64_t BH, cudaStream_t st, size_t smem_max) {
-  if (SelCfg<8, IPT, true>::smem <= smem_max) return launch_select<8, IPT, true>(sp, BH, st, smem_max);
-  if (SelCfg<4, IPT, true>::smem <= smem_max) return launch_select<4, IPT, true>(sp, BH, st, smem_max);
-  if (SelCfg<2, IPT, true>::smem <= smem_max) return launch_select<2, IPT, true>(sp, BH, st, smem_max);
-  if (SelCfg<1, IPT, true>::smem <= smem_max) return launch_select<1, IPT, true>(sp, BH, st, smem_max);
+sparge_status_t launch_select_cta(const SelParams &sp, int64_t BH, cudaStream_t st, size_t smem_max, bool pdl) {
+  if (SelCfg<8, IPT, true>::smem <= smem_max) return launch_select<8, IPT, true>(sp, BH, st, smem_max, pdl);
+  if (SelCfg<4, IPT, true>::smem <= smem_max) return launch_select<4, IPT, true>(sp, BH, st, smem_max, pdl);
+  if (SelCfg<2, IPT, true>::smem <= smem_max) return launch_select<2, IPT, true>(sp, BH, st, smem_max, pdl);
+  if (SelCfg<1, IPT, true>::smem <= smem_max) return launch_select<1, IPT, true>(sp, BH, st, smem_max, pdl);
   return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
                           "predict: %lld k-blocks need %zu bytes of shared memory per block, the device has %zu",
                           (long long)sp.nk, SelCfg<1, IPT, true>::smem, smem_max);
@@ -1011,6 +1087,10 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   if (err != cudaSuccess) return cuda_fail(err, "cudaGetDevice");
   err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
+  int cc_major = 0;
+  err = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
+  const bool pdl = cc_major >= 9;
 
   const WsLayout lay = ws_layout(d);
   char *ws = (char *)workspace;
@@ -1025,19 +1105,17 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   pp.k_sb = k->strides[0]; pp.k_sh = k->strides[1]; pp.k_sr = k->strides[2];
   pp.Hq = Hq; pp.Hkv = Hkv; pp.Lq = d->Lq; pp.Lk = d->Lk; pp.nq = nq; pp.nk = nk;
   pp.n_qjobs = n_qjobs; pp.n_kjobs = n_kjobs;
+
   pp.BQ = p->block_q; pp.BK = p->block_k; pp.D = (int)D; pp.Dp = Dp;
   pp.tpr = tpr; pp.log_tpr = log2i(tpr);
   pp.qbar = qbar; pp.qsim = qsim; pp.kbuf = kbuf; pp.ksim = ksim; pp.km = km;
 
-  sparge_status_t s = launch_pool_any(dt, vec, ch, pp, 0, n_qjobs + n_kjobs, st);
+  sparge_status_t s = launch_pool_any(dt, vec, ch, pp, 0, n_qjobs + n_kjobs, st, pdl);
   if (s != SPARGE_SUCCESS) return s;
-
-  km_kernel<<<dim3((unsigned)(B * Hkv), (unsigned)((Dp + 31) / 32)), kKmThreads, (kKmThreads / 32) * 32 * sizeof(float), st>>>(
-      kbuf, km, nk, Dp, (float)d->Lk);
-  err = cudaGetLastError();
+  err = launch(km_kernel, dim3((unsigned)(B * Hkv), (unsigned)((Dp + 31) / 32)), kKmThreads, 0, st, pdl,
+               (const float *)kbuf, km, nk, Dp, (float)d->Lk);
   if (err != cudaSuccess) return cuda_fail(err, "mean-of-K launch");
-
-  s = launch_pool_any(dt, vec, ch, pp, 1, n_kjobs, st);
+  s = launch_pool_any(dt, vec, ch, pp, 1, n_kjobs, st, pdl);
   if (s != SPARGE_SUCCESS) return s;
 
   SelParams sp;
@@ -1057,12 +1135,12 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   const int64_t BH = B * Hq;
   const size_t smem_max = (size_t)smem_optin;
   const int npow = pow2ceil((int)nk);
-  if (npow <= 32) return launch_select<2, 1, false>(sp, BH, st, smem_max);
-  if (npow <= 64) return launch_select<2, 2, false>(sp, BH, st, smem_max);
-  if (npow <= 128) return launch_select<2, 4, false>(sp, BH, st, smem_max);
-  if (npow <= 256) return launch_select<2, 8, false>(sp, BH, st, smem_max);
-  if (npow <= 512) return launch_select<2, 16, false>(sp, BH, st, smem_max);
-  if (npow <= 1024) return launch_select_cta<4>(sp, BH, st, smem_max);
-  if (npow <= 2048) return launch_select_cta<8>(sp, BH, st, smem_max);
-  return launch_select_cta<16>(sp, BH, st, smem_max);
+  if (npow <= 32) return launch_select<2, 1, false>(sp, BH, st, smem_max, pdl);
+  if (npow <= 64) return launch_select<2, 2, false>(sp, BH, st, smem_max, pdl);
+  if (npow <= 128) return launch_select<2, 4, false>(sp, BH, st, smem_max, pdl);
+  if (npow <= 256) return launch_select<2, 8, false>(sp, BH, st, smem_max, pdl);
+  if (npow <= 512) return launch_select<2, 16, false>(sp, BH, st, smem_max, pdl);
+  if (npow <= 1024) return launch_select_cta<4>(sp, BH, st, smem_max, pdl);
+  if (npow <= 2048) return launch_select_cta<8>(sp, BH, st, smem_max, pdl);
+  return launch_select_cta<16>(sp, BH, st, smem_max, pdl);
 }
