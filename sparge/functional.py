@@ -487,10 +487,12 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
 
 # On the GPU, sparsity pays only past a fixed cost (prediction, launches, Python)
 # and under a density where the sparse kernel beats torch's best dense kernel.
-# Measured on H100 (benchmarks/NOTES.md): a call of ~0.2 TFLOP dense runs in
-# ~0.4 ms either way; cuDNN's Hopper kernel is ~1.9x our sm80-style kernel, so
-# top-k above ~0.45 loses there; on sm80/sm89 our kernel matches FlashAttention-2.
-_AUTO_DENSE_MIN_FLOP = 2e11
+# Measured on H100 (benchmarks/NOTES.md), top-k 0.25: at ~0.07 TFLOP (H=32,
+# L=2048, D=128) sparse and cuDNN tie (0.111 vs 0.116 ms), at ~0.14 TFLOP
+# (L=4096 causal) sparse wins (0.221 vs 0.275 ms); cuDNN's Hopper kernel is
+# ~1.9x our sm80-style kernel, so top-k above ~0.45 loses there; on sm80/sm89
+# our kernel matches FlashAttention-2.
+_AUTO_DENSE_MIN_FLOP = 1e11
 _AUTO_DENSE_TOPK = {9: 0.45}
 _AUTO_DENSE_TOPK_DEFAULT = 0.9
 
