@@ -51,6 +51,19 @@ def _batch(B=2, L=37, pads=(0, 9), vocab=96):
     return ids, mask
 
 
+def _chunked_logits(model, ids, mask, chunks, impl):
+    """fp32 logits of a prefill fed in (start, end) chunks through one dynamic
+    cache (q_len > 1 with a cache is bottom-right causal), with attention impl."""
+    outs = []
+    cache = transformers.DynamicCache(config=model.config)
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        for a, b in chunks:
+            o = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], cache=cache, use_cache=True)
+            outs.append(o.logits.float())
+    return torch.cat(outs, dim=1)
+
+
 def _logits(model, impl, **inputs):
     model.set_attn_implementation(impl)
     with torch.no_grad():
@@ -156,14 +169,7 @@ def test_chunked_prefill_equals_sdpa(llama, pads):
     chunks = [(0, 17), (17, 33), (33, 34), (34, 40)]
 
     def run(impl):
-        outs = []
-        cache = transformers.DynamicCache(config=llama.config)
-        llama.set_attn_implementation(impl)
-        with torch.no_grad():
-            for a, b in chunks:
-                o = llama(input_ids=ids[:, a:b], attention_mask=mask[:, :b], cache=cache, use_cache=True)
-                outs.append(o.logits)
-        return torch.cat(outs, dim=1)
+        return _chunked_logits(llama, ids, mask, chunks, impl)
 
     ref = run("sdpa")
     stf.register(topk=1.0)
@@ -387,13 +393,7 @@ def test_cuda_llama_teacher_forced_decode_close_to_sdpa(dtype):
     chunks = [(0, 200), (200, 280), (280, 281), (281, 282), (282, 300)]
 
     def run(impl):
-        outs = []
-        cache = transformers.DynamicCache(config=model.config)
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            for a, b in chunks:
-                outs.append(model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], cache=cache).logits.float())
-        return torch.cat(outs, dim=1)
+        return _chunked_logits(model, ids, mask, chunks, impl)
 
     # reference: torch's memory-efficient SDPA kernel. torch 2.11's default
     # choice for fp16 on an H100 (cuDNN) gave logits off by 1.23 on the padded
