@@ -20,9 +20,9 @@ import re
 
 import torch
 import torch.nn.functional as F
+from common import write_rows
 
 import sparge
-from common import write_rows
 
 
 def bench(fn) -> float:

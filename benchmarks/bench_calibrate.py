@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import write_rows
 
 import sparge
-from common import write_rows
 from sparge.demo import VideoAttentionModel, make_video_qkv
 
 

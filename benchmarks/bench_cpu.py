@@ -15,9 +15,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import write_rows
 
 import sparge
-from common import write_rows
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:

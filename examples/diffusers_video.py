@@ -6,8 +6,8 @@ and a per-layer config.
 """
 import argparse
 
-import torch
 import diffusers
+import torch
 
 import sparge
 from sparge.integrations import diffusers as sparge_df

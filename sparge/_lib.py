@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Tuple
-
 import os
+from typing import Optional, Tuple
 
 import torch
 

@@ -84,5 +84,5 @@ def compare_predict(q, k, *, bq, bk, causal=None, topk=None, cdf=None, sim=-0.1,
         assert _boundary_is_tie(p[b, h, i], finite[b, h, i], n_allowed[i], topk, cdf), (
             f"{what}: mask row (b={b}, h={h}, i={i}) differs away from a tie: "
             f"C {mask[b, h, i].int().tolist()} vs reference {ref[b, h, i].int().tolist()}")
-    warnings.warn(f"{what}: {len(bad_rows)} mask rows differ at near-ties of P̂ (reported, allowed)")
+    warnings.warn(f"{what}: {len(bad_rows)} mask rows differ at near-ties of P̂ (reported, allowed)", stacklevel=2)
     return mask

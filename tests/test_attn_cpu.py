@@ -4,11 +4,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import element_mask, fa_check, rel_l1, torch_masked_attention
 
 import sparge
 from sparge import reference
-
-from helpers import element_mask, fa_check, rel_l1, torch_masked_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -5,11 +5,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import compare_predict, element_mask, fa_check, torch_masked_attention
 
 import sparge
 from sparge import _lib, reference
-
-from helpers import compare_predict, element_mask, fa_check, torch_masked_attention
 
 pytestmark = pytest.mark.cuda
 

@@ -12,8 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sparge  # noqa: E402
-from sparge.integrations import transformers as stf  # noqa: E402
 from sparge.integrations import fallback_counts, reset_fallback_counts  # noqa: E402
+from sparge.integrations import transformers as stf  # noqa: E402
 
 ATOL = 2e-5
 

@@ -1,12 +1,11 @@
 """The C CPU prediction against the fp32 reference."""
 import pytest
 import torch
+from helpers import compare_predict as _compare
 
 import sparge
 from sparge import reference
 from sparge.demo import make_video_qkv
-
-from helpers import compare_predict as _compare
 
 
 @pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 1000), (97, 97), (1000, 97), (1025, 1025), (1000, 1025)])

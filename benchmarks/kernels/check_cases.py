@@ -11,9 +11,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+from helpers import element_mask, fa_check, torch_masked_attention  # noqa: E402
+
 import sparge  # noqa: E402
 from sparge import reference  # noqa: E402
-from helpers import element_mask, fa_check, torch_masked_attention  # noqa: E402
 
 
 def main():
@@ -46,7 +47,7 @@ def main():
                     assert (out[~em.any(-1)] == 0).all(), f"{what}: rows with no visible key must be 0"
                     # full API path (prediction + kernel) at top-k 1 equals the dense masked result
                     pm = sparge.predict(q, k, is_causal=True, causal_alignment=align, topk=1.0, enable_gqa=True)
-                    out2 = sparge.block_sparse_attn(q, k, v, pm, is_causal=True, causal_alignment=align,
+                    sparge.block_sparse_attn(q, k, v, pm, is_causal=True, causal_alignment=align,
                                                     key_padding_mask=kpad, enable_gqa=True)
                     em2 = element_mask(pm, Lq, Lk, bq, bk, align, kpad)
                     if not torch.equal(em2, em):
