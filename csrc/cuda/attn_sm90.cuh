@@ -1,0 +1,456 @@
+// attn_sm90.cuh — block-sparse FlashAttention forward for Hopper (sm_90a):
+// warp-specialized, TMA + mbarrier ring, wgmma from shared-memory
+// descriptors. Kernel template first, then its launcher. Same semantics as
+// attn_sm80.cuh (sparge.h sparge_block_sparse_attn; executable form
+// sparge/reference.py block_sparse_attn).
+//
+// CTA = one q-block of BQ = 128 rows of one (batch, q-head), 3 warpgroups:
+//  - WG0, producer: warp 0 walks the block-mask row (32 mask bytes per
+//    ballot), and for each kept, causally allowed k-block j issues the TMA
+//    copies of K(j) and V(j) into stage s of a STAGES-deep shared ring, with
+//    the k-block index and its key-padding bits beside the stage. Q is loaded
+//    once. A final stage carries j = -1 (end of row). It gives most of its
+//    registers to the consumers (setmaxnreg).
+//  - WG1, WG2, consumers: each owns 64 query rows. Per stage: wait K(j),
+//    S = Q K^T (wgmma, both operands in shared memory, K-major), exact
+//    masking where the block crosses the causal boundary / the end of the
+//    sequence / padded keys, online softmax in the log2 domain in registers,
+//    PV-skip vote over the warpgroup, then wait V(j), O += P V (wgmma, P from
+//    registers, V N-major from shared memory), release the stage.
+// The two consumer warpgroups run independently, so one's softmax overlaps
+// the other's matrix work.
+//
+// PV-skip granularity: one warpgroup = 64 query rows (pv_group 64): the
+// P.V wgmma is issued by the whole warpgroup, so it is skipped for all of its
+// rows or none (bar.red.and over the warpgroup).
+//
+// Shared memory tiles are written by the TMA with 128-byte swizzling, as
+// chunks of 64 columns: [D/64][rows][64] 16-bit, each chunk 1024-aligned.
+#ifndef SPARGE_CUDA_ATTN_SM90_CUH_
+#define SPARGE_CUDA_ATTN_SM90_CUH_
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "attn_params.h"
+#include "common.cuh"
+#include "common_sm90.cuh"
+
+namespace sparge_cuda {
+
+template <int D_, int BK_, int STAGES_>
+struct Sm90Cfg {
+  static constexpr int kD = D_;
+  static constexpr int kBQ = 128;  // 2 consumer warpgroups x 64 rows
+  static constexpr int kBK = BK_;
+  static constexpr int kStages = STAGES_;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kWM = 64;  // rows per consumer warpgroup = PV-skip row group
+  static constexpr int kChunks = kD / 64;
+  static constexpr int kQBytes = kBQ * kD * 2;
+  static constexpr int kKVBytes = kBK * kD * 2;
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQBytes;
+  static constexpr int kVOff = kKOff + kStages * kKVBytes;
+  static constexpr int kBarOff = kVOff + kStages * kKVBytes;  // q_full, k_full[S], v_full[S], empty[S]
+  static constexpr int kBlkOff = kBarOff + 8 * (1 + 3 * kStages);
+  static constexpr int kBitsOff = kBlkOff + 4 * kStages;       // [S][BK/32] key-padding bits
+  static constexpr int kUsed = kBitsOff + 4 * kStages * (kBK / 32);
+  static constexpr int kSmemBytes = kUsed + 1024;  // + alignment of the base to 1024
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static_assert(kD % 64 == 0 && kD <= 128, "head dim: 64 or 128 (N of the P.V wgmma)");
+  static_assert(kBK == 64 || kBK == 128, "BK: 64 or 128 (N of the Q.K^T wgmma)");
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
+};
+
+namespace sm90 {
+constexpr float kLn2 = 0.6931471805599453f;
+}
+
+template <typename T, class C>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    attn_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ CUtensorMap tmap_q,
+                     const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  using E = Elem<T>;
+  constexpr int D = C::kD, BK = C::kBK, S = C::kStages, BQ = C::kBQ;
+  constexpr int NS = BK / 2;  // score accumulators per thread [64, BK]
+  constexpr int NO = D / 2;   // output accumulators per thread [64, D]
+  const float kNegInf = -CUDART_INF_F;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char *smem = smem_raw + (base - raw);
+  const uint32_t sQ = base + C::kQOff;  // [D/64][BQ][64]      swizzled
+  const uint32_t sK = base + C::kKOff;  // [S][D/64][BK][64]   swizzled
+  const uint32_t sV = base + C::kVOff;  // [S][D/64][BK][64]   swizzled
+  const uint32_t bar_q = base + C::kBarOff;
+  auto bar_k = [&](int s) { return base + C::kBarOff + 8u * (1 + s); };
+  auto bar_v = [&](int s) { return base + C::kBarOff + 8u * (1 + S + s); };
+  auto bar_e = [&](int s) { return base + C::kBarOff + 8u * (1 + 2 * S + s); };
+  volatile int *s_blk = reinterpret_cast<volatile int *>(smem + C::kBlkOff);
+  volatile uint32_t *s_bits = reinterpret_cast<volatile uint32_t *>(smem + C::kBitsOff);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+
+  // ---- tile coordinates (same order as the sm80 kernel) ----
+  int qi, bh;
+  if (p.causal) {
+    const int nbh = p.B * p.Hq;
+    const int qrank = (int)blockIdx.x / nbh;
+    bh = (int)blockIdx.x - qrank * nbh;
+    qi = p.nq - 1 - qrank;
+  } else {
+    bh = (int)blockIdx.x / p.nq;
+    qi = (int)blockIdx.x - bh * p.nq;
+  }
+  const int b = bh / p.Hq, h = bh - b * p.Hq;
+  const int hk = h / p.rep;
+  const int r0 = qi * BQ;
+  const int nr = min(BQ, p.Lq - r0);
+  int n_allowed = p.nk;
+  if (p.causal) {
+    const int cmax = min(r0 + nr - 1 + p.causal_off, p.Lk - 1);
+    n_allowed = cmax < 0 ? 0 : min(p.nk, cmax / BK + 1);
+  }
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_k(s), 1);
+      mbar_init(bar_v(s), 1);
+      mbar_init(bar_e(s), 4 * C::kConsumers);  // lane 0 of every consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ======================= producer =======================
+    regs_dealloc<C::kProducerRegs>();
+    if (warp == 0) {
+      if (lane == 0) {
+        tma_prefetch_map(&tmap_q);
+        tma_prefetch_map(&tmap_k);
+        tma_prefetch_map(&tmap_v);
+        mbar_arrive_expect_tx(bar_q, C::kQBytes);
+#pragma unroll
+        for (int c = 0; c < C::kChunks; ++c) tma_load_4d(sQ + c * BQ * 128, &tmap_q, bar_q, c * 64, r0, h, b);
+      }
+      const uint8_t *mrow = p.mask + b * p.m_sb + h * p.m_sh + qi * p.m_si;
+      const uint8_t *kprow = p.kpad != nullptr ? p.kpad + b * p.kp_sb : nullptr;
+      int it = 0;
+      for (int jb = 0; jb < n_allowed; jb += 32) {
+        const int jj = jb + lane;
+        uint32_t bits = __ballot_sync(0xffffffffu, jj < n_allowed && __ldg(mrow + (int64_t)jj * p.m_sj) != 0);
+        while (bits != 0u) {
+          const int j = jb + __ffs(bits) - 1;
+          bits &= bits - 1u;
+          const int s = it % S;
+          const uint32_t ph = (uint32_t)(it / S) & 1u;
+          mbar_wait(bar_e(s), ph ^ 1u);  // the consumers released stage s
+          if (kprow != nullptr) {
+#pragma unroll
+            for (int w = 0; w < BK / 32; ++w) {
+              const int key = j * BK + 32 * w + lane;
+              const uint32_t kb = __ballot_sync(0xffffffffu, key < p.Lk && __ldg(kprow + (int64_t)key * p.kp_sl) != 0);
+              if (lane == 0) s_bits[s * (BK / 32) + w] = kb;
+            }
+          }
+          if (lane == 0) {
+            s_blk[s] = j;
+            mbar_arrive_expect_tx(bar_k(s), C::kKVBytes);
+#pragma unroll
+            for (int c = 0; c < C::kChunks; ++c)
+              tma_load_4d(sK + s * C::kKVBytes + c * BK * 128, &tmap_k, bar_k(s), c * 64, j * BK, hk, b);
+            mbar_arrive_expect_tx(bar_v(s), C::kKVBytes);
+#pragma unroll
+            for (int c = 0; c < C::kChunks; ++c)
+              tma_load_4d(sV + s * C::kKVBytes + c * BK * 128, &tmap_v, bar_v(s), c * 64, j * BK, hk, b);
+          }
+          __syncwarp();
+          ++it;
+        }
+      }
+      // end of the row: a stage that carries no data, j = -1
+      const int s = it % S;
+      mbar_wait(bar_e(s), ((uint32_t)(it / S) & 1u) ^ 1u);
+      if (lane == 0) {
+        s_blk[s] = -1;
+        mbar_arrive(bar_k(s));
+      }
+    }
+  } else {
+    // ======================= consumers =======================
+    regs_alloc<C::kConsumerRegs>();
+    const int cw = wg - 1;        // consumer index
+    const int wl = warp & 3;      // warp within the warpgroup
+    const int g = lane >> 2, t4 = lane & 3;
+    const int row_first = r0 + cw * 64;             // first query row of the warpgroup
+    const int qrow0 = row_first + wl * 16 + g;      // rows qrow0 and qrow0 + 8
+    const bool kpad_on = p.kpad != nullptr;
+    const bool pv_on = p.pv != nullptr;
+    const float lam = pv_on ? __ldg(p.pv + h * p.pv_s) : 0.0f;
+
+    float o[NO];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+    float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
+    int nskip = 0;
+
+    mbar_wait(bar_q, 0);
+    int it = 0;
+    for (;; ++it) {
+      const int s = it % S;
+      const uint32_t ph = (uint32_t)(it / S) & 1u;
+      mbar_wait(bar_k(s), ph);
+      const int j = s_blk[s];
+      if (j < 0) break;
+
+      // ==== S = Q K^T: [64, BK] per warpgroup, fp32 ====
+      float sc_acc[NS];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int c = kk / 4, w = kk % 4;
+        const uint64_t da = make_desc(sQ + c * BQ * 128 + cw * 64 * 128 + w * 32, 16, 1024);
+        const uint64_t db = make_desc(sK + s * C::kKVBytes + c * BK * 128 + w * 32, 16, 1024);
+        sm90::Wgmma<T, BK>::template ss<0>(sc_acc, da, db, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sc_acc);
+
+      // ==== log2 domain (raw dot products kept when scale > 0, as sm80) ====
+      float sc = p.scale_log2;
+      if (!(sc > 0.0f)) {
+#pragma unroll
+        for (int i = 0; i < NS; ++i) sc_acc[i] *= sc;
+        sc = 1.0f;
+      }
+      // ==== exact masking on boundary blocks ====
+      const int c0 = j * BK;
+      const bool need_mask =
+          kpad_on || c0 + BK > p.Lk || (p.causal && c0 + BK - 1 > row_first + p.causal_off);
+      if (need_mask) {
+        uint32_t kbits[BK / 32];
+#pragma unroll
+        for (int w = 0; w < BK / 32; ++w) kbits[w] = kpad_on ? s_bits[s * (BK / 32) + w] : ~0u;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          int lim = p.Lk - 1;
+          if (p.causal) lim = min(lim, qrow0 + 8 * hf + p.causal_off);
+          const int rel = max(lim, -1) - c0;
+#pragma unroll
+          for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = nt * 8 + 2 * t4 + e;
+              if (col > rel || !((kbits[(nt * 8) / 32] >> (col & 31)) & 1u)) sc_acc[4 * nt + 2 * hf + e] = kNegInf;
+            }
+        }
+      }
+
+      // ==== row max, new running max ====
+      float bmax[2], m_new[2], alpha[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float x = kNegInf;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt) x = fmaxf(x, fmaxf(sc_acc[4 * nt + 2 * hf], sc_acc[4 * nt + 2 * hf + 1]));
+        x = quad_max(x) * sc;
+        bmax[hf] = x;
+        m_new[hf] = fmaxf(m_run[hf], x);
+      }
+
+      // ==== PV skip: the warpgroup skips when every valid row it owns agrees ====
+      bool skip = false;
+      if (pv_on && it > 0) {
+        bool agree = true;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          if (qrow0 + 8 * hf < p.Lq && !(bmax[hf] <= m_new[hf] - lam)) agree = false;
+        skip = bar_and(1 + cw, 128, agree);
+      }
+
+      bool alpha_one = true;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        alpha[hf] = m_new[hf] == kNegInf ? 1.0f : fast_exp2(m_run[hf] - m_new[hf]);
+        alpha_one = alpha_one && alpha[hf] == 1.0f;
+      }
+
+      // ==== P = exp2(s - m_new), row sums; P packed as the A fragments of P.V ====
+      uint32_t pa[BK / 16][4];
+      if (!skip) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float mu = m_new[hf] == kNegInf ? 0.0f : m_new[hf];
+          float sum = 0.0f;
+#pragma unroll
+          for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float pe = fast_exp2(fmaf(sc_acc[4 * nt + 2 * hf + e], sc, -mu));
+              sc_acc[4 * nt + 2 * hf + e] = pe;
+              sum += pe;
+            }
+          l_run[hf] = l_run[hf] * alpha[hf] + sum;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          pa[kk][0] = E::pack(sc_acc[8 * kk + 0], sc_acc[8 * kk + 1]);  // row g,   keys 16kk+2t..
+          pa[kk][1] = E::pack(sc_acc[8 * kk + 2], sc_acc[8 * kk + 3]);  // row g+8, keys 16kk+2t..
+          pa[kk][2] = E::pack(sc_acc[8 * kk + 4], sc_acc[8 * kk + 5]);  // row g,   keys 16kk+8+2t..
+          pa[kk][3] = E::pack(sc_acc[8 * kk + 6], sc_acc[8 * kk + 7]);  // row g+8, keys 16kk+8+2t..
+        }
+      } else {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) l_run[hf] *= alpha[hf];
+        if (lane == 0 && wl == 0 && row_first < p.Lq) ++nskip;
+      }
+      if (!__all_sync(0xffffffffu, alpha_one)) {
+#pragma unroll
+        for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+      }
+      m_run[0] = m_new[0];
+      m_run[1] = m_new[1];
+
+      // ==== O += P V ====
+      mbar_wait(bar_v(s), ph);
+      if (!skip) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          const uint64_t db = make_desc(sV + s * C::kKVBytes + kk * 16 * 128, BK * 128, 1024);
+          sm90::Wgmma<T, D>::template rs<1>(o, pa[kk], db, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_e(s));
+    }
+    const int kept = it;
+
+    // ==== epilogue: out = O / l (0 for rows that saw no key), lse ====
+    T *og = static_cast<T *>(p.out) + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float l = quad_sum(l_run[hf]);
+      const int qrow = qrow0 + 8 * hf;
+      if (qrow < p.Lq) {
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        T *orow = og + (int64_t)qrow * p.o_sl + 2 * t4;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+          *reinterpret_cast<uint32_t *>(orow + nt * 8) = E::pack(o[4 * nt + 2 * hf] * inv, o[4 * nt + 2 * hf + 1] * inv);
+        if (p.lse != nullptr && t4 == 0)
+          p.lse[b * p.lse_sb + h * p.lse_sh + (int64_t)qrow * p.lse_sl] =
+              l > 0.0f ? (m_run[hf] + log2f(l)) * kLn2 : kNegInf;
+      }
+    }
+    // ==== stats (zeroed by the launcher): allowed, kept, PV units, PV skipped ====
+    if (p.stats != nullptr && lane == 0 && wl == 0) {
+      unsigned long long *st = p.stats + b * p.st_sb + h * p.st_sh;
+      if (cw == 0) {
+        const int groups = (nr + C::kWM - 1) / C::kWM;
+        if (n_allowed > 0) atomicAdd(st, (unsigned long long)n_allowed);
+        if (kept > 0) {
+          atomicAdd(st + p.st_si, (unsigned long long)kept);
+          atomicAdd(st + 2 * p.st_si, (unsigned long long)kept * (unsigned long long)groups);
+        }
+      }
+      if (nskip > 0) atomicAdd(st + 3 * p.st_si, (unsigned long long)nskip);
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// ---------------------------------------------------------------------------
+// Launcher
+// ---------------------------------------------------------------------------
+namespace sm90 {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                   const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda
+// link); null when the driver does not provide it.
+inline EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void *f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return nullptr;
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// Tensor map of a [B, H, L, D] 16-bit tensor (element strides sb, sh, sl;
+// unit last stride), box = 64 columns x `rows` rows of one (b, h), 128-byte
+// swizzle, zero fill past L. Strides of size-1 dimensions are never used and
+// are replaced by a valid one. False when the TMA cannot describe it.
+inline bool make_tensor_map(CUtensorMap *map, const void *ptr, bool bf16, int64_t B, int64_t H, int64_t L, int64_t D,
+                            int64_t sb, int64_t sh, int64_t sl, int rows) {
+  EncodeTiledFn fn = encode_tiled();
+  if (fn == nullptr) return false;
+  auto fix = [](int64_t n, int64_t stride_el) -> cuuint64_t {
+    return n > 1 ? (cuuint64_t)(stride_el * 2) : (cuuint64_t)16;
+  };
+  const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)L, (cuuint64_t)H, (cuuint64_t)B};
+  const cuuint64_t strides[3] = {fix(L, sl), fix(H, sh), fix(B, sb)};
+  for (int i = 0; i < 3; ++i)
+    if (strides[i] % 16 != 0 || strides[i] >= (1ull << 40)) return false;
+  if (((uintptr_t)ptr) % 16 != 0) return false;
+  const cuuint32_t box[4] = {64, (cuuint32_t)rows, 1, 1};
+  const cuuint32_t estr[4] = {1, 1, 1, 1};
+  return fn(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void *>(ptr),
+            dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace sm90
+
+// Enqueues the kernel of configuration C (grid = nq * B * Hq CTAs; the
+// current device must be the tensors'). cudaErrorNotSupported when the
+// tensors' layout cannot be described by a tensor map (the caller falls back).
+template <typename T, class C>
+cudaError_t launch_sm90_cfg(const AttnParams &p, unsigned grid, cudaStream_t stream) {
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int64_t Hkv = p.Hq / p.rep;
+  CUtensorMap tq, tk, tv;
+  if (!sm90::make_tensor_map(&tq, p.q, kBf16, p.B, p.Hq, p.Lq, C::kD, p.q_sb, p.q_sh, p.q_sl, C::kBQ) ||
+      !sm90::make_tensor_map(&tk, p.k, kBf16, p.B, Hkv, p.Lk, C::kD, p.k_sb, p.k_sh, p.k_sl, C::kBK) ||
+      !sm90::make_tensor_map(&tv, p.v, kBf16, p.B, Hkv, p.Lk, C::kD, p.v_sb, p.v_sh, p.v_sl, C::kBK))
+    return cudaErrorNotSupported;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> smem_set[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (!cached || !smem_set[dev].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(attn_sm90_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (cached) smem_set[dev].store(true, std::memory_order_relaxed);
+  }
+  attn_sm90_kernel<T, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tq, tk, tv);
+  return cudaGetLastError();
+}
+
+}  // namespace sparge_cuda
+
+#endif  // SPARGE_CUDA_ATTN_SM90_CUH_
