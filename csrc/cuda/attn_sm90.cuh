@@ -6,23 +6,33 @@
 //
 // CTA = one q-block of BQ = 128 rows of one (batch, q-head), 3 warpgroups:
 //  - WG0, producer: warp 0 walks the block-mask row (32 mask bytes per
-//    ballot), and for each kept, causally allowed k-block j issues the TMA
-//    copies of K(j) and V(j) into stage s of a STAGES-deep shared ring, with
-//    the k-block index and its key-padding bits beside the stage. Q is loaded
-//    once. A final stage carries j = -1 (end of row). It gives most of its
-//    registers to the consumers (setmaxnreg).
-//  - WG1, WG2, consumers: each owns 64 query rows. Per stage: wait K(j),
-//    S = Q K^T (wgmma, both operands in shared memory, K-major), exact
-//    masking where the block crosses the causal boundary / the end of the
-//    sequence / padded keys, online softmax in the log2 domain in registers,
-//    PV-skip vote over the warpgroup, then wait V(j), O += P V (wgmma, P from
-//    registers, V N-major from shared memory), release the stage.
-// The two consumer warpgroups run independently, so one's softmax overlaps
-// the other's matrix work.
+//    ballot) and packs the kept, causally allowed k-blocks (BK = 64 keys, the
+//    mask's resolution) two by two into the stages of a shared-memory ring:
+//    stage s holds K and V of blocks (ja, jb), any two kept blocks, one after
+//    the other, so a stage is a [128, D] key tile. The TMA copies complete on
+//    the stage's mbarriers; the block indices and key-padding bits sit beside
+//    the stage. Q is loaded once. A final stage with ja = -1 ends the row.
+//    The producer gives most of its registers to the consumers (setmaxnreg).
+//  - WG1, WG2, consumers: each owns 64 query rows. Per stage t:
+//    S(t) = Q [K_ja; K_jb]^T as m64n128 wgmmas (both operands in shared
+//    memory, K-major), exact masking where a block crosses the causal
+//    boundary / the end of the sequence / padded keys (a missing jb is -inf),
+//    online softmax in the log2 domain in registers, the PV-skip vote of each
+//    block over the warpgroup, then O += P V (P from registers, V N-major).
+//    Intra-warpgroup pipeline: S(t+1) is issued before P(t).V(t), and the
+//    softmax of t+1 runs while P(t).V(t) is on the tensor cores; O is
+//    rescaled once P(t).V(t) has completed. The two consumer warpgroups run
+//    independently, so one's softmax also overlaps the other's matrix work.
+// Pairing keeps the mask at 64-key resolution (the sparsity the prediction
+// finds) while the tensor cores see 128-key tiles (half the barrier round
+// trips and O rescales per key).
 //
-// PV-skip granularity: one warpgroup = 64 query rows (pv_group 64): the
-// P.V wgmma is issued by the whole warpgroup, so it is skipped for all of its
-// rows or none (bar.red.and over the warpgroup).
+// PV-skip granularity: one warpgroup (64 query rows, pv_group 64) x one
+// k-block, decided by a vote over the warpgroup (bar.red.and). A skipped
+// block's exp2 and row-sum work is skipped and it enters P.V with P = 0: the
+// P.V wgmmas themselves always run (see issue_pv for why).
+// Within a pair, block jb's decision sees the running max after ja, exactly
+// as if the blocks were processed one after the other.
 //
 // Shared memory tiles are written by the TMA with 128-byte swizzling, as
 // chunks of 64 columns: [D/64][rows][64] 16-bit, each chunk 1024-aligned.
@@ -43,30 +53,33 @@
 
 namespace sparge_cuda {
 
-template <int D_, int BK_, int STAGES_>
+template <int D_, int STAGES_>
 struct Sm90Cfg {
   static constexpr int kD = D_;
   static constexpr int kBQ = 128;  // 2 consumer warpgroups x 64 rows
-  static constexpr int kBK = BK_;
+  static constexpr int kBK = 64;   // keys per k-block (mask resolution)
+  static constexpr int kTN = 2 * kBK;  // keys per stage: a pair of k-blocks
   static constexpr int kStages = STAGES_;
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kWM = 64;  // rows per consumer warpgroup = PV-skip row group
   static constexpr int kChunks = kD / 64;
   static constexpr int kQBytes = kBQ * kD * 2;
-  static constexpr int kKVBytes = kBK * kD * 2;
+  static constexpr int kBlockBytes = kBK * kD * 2;     // K or V of one k-block
+  static constexpr int kStageBytes = 2 * kBlockBytes;  // K or V of a pair: [D/64][128][64]
+  static constexpr int kChunkRowBytes = kTN * 128;     // one 64-column chunk of a stage
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQBytes;
-  static constexpr int kVOff = kKOff + kStages * kKVBytes;
-  static constexpr int kBarOff = kVOff + kStages * kKVBytes;  // q_full, k_full[S], v_full[S], empty[S]
-  static constexpr int kBlkOff = kBarOff + 8 * (1 + 3 * kStages);
-  static constexpr int kBitsOff = kBlkOff + 4 * kStages;       // [S][BK/32] key-padding bits
-  static constexpr int kUsed = kBitsOff + 4 * kStages * (kBK / 32);
+  static constexpr int kVOff = kKOff + kStages * kStageBytes;
+  static constexpr int kBarOff = kVOff + kStages * kStageBytes;  // q_full, k_full[S], v_full[S], empty[S]
+  static constexpr int kBlkOff = kBarOff + 8 * (1 + 3 * kStages);  // [S][2] k-block indices
+  static constexpr int kBitsOff = kBlkOff + 8 * kStages;           // [S][2][BK/32] key-padding bits
+  static constexpr int kUsed = kBitsOff + 4 * kStages * 2 * (kBK / 32);
   static constexpr int kSmemBytes = kUsed + 1024;  // + alignment of the base to 1024
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(kD % 64 == 0 && kD <= 128, "head dim: 64 or 128 (N of the P.V wgmma)");
-  static_assert(kBK == 64 || kBK == 128, "BK: 64 or 128 (N of the Q.K^T wgmma)");
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
+  static_assert(kSmemBytes <= 232448, "shared memory per block (227 KB)");
 };
 
 namespace sm90 {
@@ -80,18 +93,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   using E = Elem<T>;
-  constexpr int D = C::kD, BK = C::kBK, S = C::kStages, BQ = C::kBQ;
-  constexpr int NS = BK / 2;  // score accumulators per thread [64, BK]
+  constexpr int D = C::kD, BK = C::kBK, TN = C::kTN, S = C::kStages, BQ = C::kBQ;
+  constexpr int NS = TN / 2;  // score accumulators per thread [64, 128]
   constexpr int NO = D / 2;   // output accumulators per thread [64, D]
+  constexpr int KW = BK / 32; // key-padding words per block
   const float kNegInf = -CUDART_INF_F;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   unsigned char *smem = smem_raw + (base - raw);
-  const uint32_t sQ = base + C::kQOff;  // [D/64][BQ][64]      swizzled
-  const uint32_t sK = base + C::kKOff;  // [S][D/64][BK][64]   swizzled
-  const uint32_t sV = base + C::kVOff;  // [S][D/64][BK][64]   swizzled
+  const uint32_t sQ = base + C::kQOff;  // [D/64][BQ][64]       swizzled
+  const uint32_t sK = base + C::kKOff;  // [S][D/64][2*BK][64]  swizzled
+  const uint32_t sV = base + C::kVOff;  // [S][D/64][2*BK][64]  swizzled
   const uint32_t bar_q = base + C::kBarOff;
   auto bar_k = [&](int s) { return base + C::kBarOff + 8u * (1 + s); };
   auto bar_v = [&](int s) { return base + C::kBarOff + 8u * (1 + S + s); };
@@ -147,46 +161,70 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
       const uint8_t *mrow = p.mask + b * p.m_sb + h * p.m_sh + qi * p.m_si;
       const uint8_t *kprow = p.kpad != nullptr ? p.kpad + b * p.kp_sb : nullptr;
-      int it = 0;
-      for (int jb = 0; jb < n_allowed; jb += 32) {
-        const int jj = jb + lane;
-        uint32_t bits = __ballot_sync(0xffffffffu, jj < n_allowed && __ldg(mrow + (int64_t)jj * p.m_sj) != 0);
-        while (bits != 0u) {
-          const int j = jb + __ffs(bits) - 1;
-          bits &= bits - 1u;
-          const int s = it % S;
-          const uint32_t ph = (uint32_t)(it / S) & 1u;
-          mbar_wait(bar_e(s), ph ^ 1u);  // the consumers released stage s
-          if (kprow != nullptr) {
+      // Fills stage `it % S` with blocks ja and jb (jb = -1: none); ja = -1 ends the row.
+      auto fill = [&](int it, int ja, int jb) {
+        const int s = it % S;
+        mbar_wait(bar_e(s), ((uint32_t)(it / S) & 1u) ^ 1u);  // the consumers released stage s
+        if (ja < 0) {
+          if (lane == 0) {
+            s_blk[2 * s] = -1;
+            mbar_arrive(bar_k(s));
+          }
+          return;
+        }
+        if (kprow != nullptr) {
 #pragma unroll
-            for (int w = 0; w < BK / 32; ++w) {
+          for (int hb = 0; hb < 2; ++hb) {
+            const int j = hb == 0 ? ja : jb;
+            if (j < 0) continue;
+#pragma unroll
+            for (int w = 0; w < KW; ++w) {
               const int key = j * BK + 32 * w + lane;
               const uint32_t kb = __ballot_sync(0xffffffffu, key < p.Lk && __ldg(kprow + (int64_t)key * p.kp_sl) != 0);
-              if (lane == 0) s_bits[s * (BK / 32) + w] = kb;
+              if (lane == 0) s_bits[(s * 2 + hb) * KW + w] = kb;
             }
           }
-          if (lane == 0) {
-            s_blk[s] = j;
-            mbar_arrive_expect_tx(bar_k(s), C::kKVBytes);
+        }
+        if (lane == 0) {
+          s_blk[2 * s] = ja;
+          s_blk[2 * s + 1] = jb;
+          // A missing second block is loaded from past the end of the keys: the
+          // TMA fills it with zeros (P.V always runs over both halves).
+          const int jbl = jb >= 0 ? jb : p.nk;
+          const uint32_t bytes = 2u * C::kBlockBytes;
+          const uint32_t k0 = sK + s * C::kStageBytes, v0 = sV + s * C::kStageBytes;
+          mbar_arrive_expect_tx(bar_k(s), bytes);
 #pragma unroll
-            for (int c = 0; c < C::kChunks; ++c)
-              tma_load_4d(sK + s * C::kKVBytes + c * BK * 128, &tmap_k, bar_k(s), c * 64, j * BK, hk, b);
-            mbar_arrive_expect_tx(bar_v(s), C::kKVBytes);
-#pragma unroll
-            for (int c = 0; c < C::kChunks; ++c)
-              tma_load_4d(sV + s * C::kKVBytes + c * BK * 128, &tmap_v, bar_v(s), c * 64, j * BK, hk, b);
+          for (int c = 0; c < C::kChunks; ++c) {
+            tma_load_4d(k0 + c * C::kChunkRowBytes, &tmap_k, bar_k(s), c * 64, ja * BK, hk, b);
+            tma_load_4d(k0 + c * C::kChunkRowBytes + BK * 128, &tmap_k, bar_k(s), c * 64, jbl * BK, hk, b);
           }
-          __syncwarp();
-          ++it;
+          mbar_arrive_expect_tx(bar_v(s), bytes);
+#pragma unroll
+          for (int c = 0; c < C::kChunks; ++c) {
+            tma_load_4d(v0 + c * C::kChunkRowBytes, &tmap_v, bar_v(s), c * 64, ja * BK, hk, b);
+            tma_load_4d(v0 + c * C::kChunkRowBytes + BK * 128, &tmap_v, bar_v(s), c * 64, jbl * BK, hk, b);
+          }
+        }
+        __syncwarp();
+      };
+      int it = 0, pending = -1;
+      for (int jw = 0; jw < n_allowed; jw += 32) {
+        const int jj = jw + lane;
+        uint32_t bits = __ballot_sync(0xffffffffu, jj < n_allowed && __ldg(mrow + (int64_t)jj * p.m_sj) != 0);
+        while (bits != 0u) {
+          const int j = jw + __ffs(bits) - 1;
+          bits &= bits - 1u;
+          if (pending < 0) {
+            pending = j;
+          } else {
+            fill(it++, pending, j);
+            pending = -1;
+          }
         }
       }
-      // end of the row: a stage that carries no data, j = -1
-      const int s = it % S;
-      mbar_wait(bar_e(s), ((uint32_t)(it / S) & 1u) ^ 1u);
-      if (lane == 0) {
-        s_blk[s] = -1;
-        mbar_arrive(bar_k(s));
-      }
+      if (pending >= 0) fill(it++, pending, -1);
+      fill(it, -1, -1);  // end of the row
     }
   } else {
     // ======================= consumers =======================
@@ -199,149 +237,210 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const bool kpad_on = p.kpad != nullptr;
     const bool pv_on = p.pv != nullptr;
     const float lam = pv_on ? __ldg(p.pv + h * p.pv_s) : 0.0f;
+    // log2 domain: raw dot products are kept when scale > 0 (as sm80); else scaled in place
+    const float sc_in = p.scale_log2;
+    const bool prescale = !(sc_in > 0.0f);
+    const float sc = prescale ? 1.0f : sc_in;
 
     float o[NO];
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] = 0.0f;
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
-    int nskip = 0;
+    int nskip = 0, kept = 0;
 
-    mbar_wait(bar_q, 0);
-    int it = 0;
-    for (;; ++it) {
-      const int s = it % S;
-      const uint32_t ph = (uint32_t)(it / S) & 1u;
-      mbar_wait(bar_k(s), ph);
-      const int j = s_blk[s];
-      if (j < 0) break;
-
-      // ==== S = Q K^T: [64, BK] per warpgroup, fp32 ====
-      float sc_acc[NS];
+    // S = Q [K_ja; K_jb]^T of stage s: [64, 128] per warpgroup, fp32 (issued, not waited)
+    auto issue_qk = [&](float (&acc)[NS], int s) {
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const int c = kk / 4, w = kk % 4;
         const uint64_t da = make_desc(sQ + c * BQ * 128 + cw * 64 * 128 + w * 32, 16, 1024);
-        const uint64_t db = make_desc(sK + s * C::kKVBytes + c * BK * 128 + w * 32, 16, 1024);
-        sm90::Wgmma<T, BK>::template ss<0>(sc_acc, da, db, kk > 0 ? 1 : 0);
+        const uint64_t db = make_desc(sK + s * C::kStageBytes + c * C::kChunkRowBytes + w * 32, 16, 1024);
+        sm90::Wgmma<T, TN>::template ss<0>(acc, da, db, kk > 0 ? 1 : 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(sc_acc);
-
-      // ==== log2 domain (raw dot products kept when scale > 0, as sm80) ====
-      float sc = p.scale_log2;
-      if (!(sc > 0.0f)) {
+    };
+    // O += P V of stage s (issued, not waited). Always every k-step: a
+    // branch around wgmmas whose group is waited for later makes ptxas
+    // serialize all of them (C7514/C7520, measured 20 % slower), so skipped
+    // blocks enter with P = 0 and a missing second block with V = 0.
+    auto issue_pv = [&](const uint32_t (&pa)[TN / 16][4], int s) {
+      wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < NS; ++i) sc_acc[i] *= sc;
-        sc = 1.0f;
+      for (int kk = 0; kk < TN / 16; ++kk) {
+        const uint64_t db = make_desc(sV + s * C::kStageBytes + kk * 16 * 128, C::kChunkRowBytes, 1024);
+        sm90::Wgmma<T, D>::template rs<1>(o, pa[kk], db, 1);
       }
-      // ==== exact masking on boundary blocks ====
-      const int c0 = j * BK;
-      const bool need_mask =
-          kpad_on || c0 + BK > p.Lk || (p.causal && c0 + BK - 1 > row_first + p.causal_off);
-      if (need_mask) {
-        uint32_t kbits[BK / 32];
+      wgmma_commit();
+    };
+    // Masking, online softmax and PV-skip votes of the pair (ja, jb) (scores
+    // in acc, replaced by P in place); the rescale factor of O to alpha.
+    // use[hb]: block hb contributes to P.V.
+    auto softmax = [&](float (&acc)[NS], int ja, int jb, int s, bool first, bool (&use)[2], float (&alpha)[2]) {
+      if (prescale) {
 #pragma unroll
-        for (int w = 0; w < BK / 32; ++w) kbits[w] = kpad_on ? s_bits[s * (BK / 32) + w] : ~0u;
+        for (int i = 0; i < NS; ++i) acc[i] *= sc_in;
+      }
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          int lim = p.Lk - 1;
-          if (p.causal) lim = min(lim, qrow0 + 8 * hf + p.causal_off);
-          const int rel = max(lim, -1) - c0;
+      for (int hb = 0; hb < 2; ++hb) {
+        const int j = hb == 0 ? ja : jb;
+        if (j < 0) {  // no second block: its columns take no part
 #pragma unroll
-          for (int nt = 0; nt < BK / 8; ++nt)
+          for (int i = 0; i < NS / 2; ++i) acc[hb * NS / 2 + i] = kNegInf;
+          continue;
+        }
+        const int c0 = j * BK;
+        if (kpad_on || c0 + BK > p.Lk || (p.causal && c0 + BK - 1 > row_first + p.causal_off)) {
+          uint32_t kbits[KW];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = nt * 8 + 2 * t4 + e;
-              if (col > rel || !((kbits[(nt * 8) / 32] >> (col & 31)) & 1u)) sc_acc[4 * nt + 2 * hf + e] = kNegInf;
-            }
+          for (int w = 0; w < KW; ++w) kbits[w] = kpad_on ? s_bits[(s * 2 + hb) * KW + w] : ~0u;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            int lim = p.Lk - 1;
+            if (p.causal) lim = min(lim, qrow0 + 8 * hf + p.causal_off);
+            const int rel = max(lim, -1) - c0;
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int col = nt * 8 + 2 * t4 + e;
+                if (col > rel || !((kbits[(nt * 8) / 32] >> (col & 31)) & 1u))
+                  acc[4 * (hb * BK / 8 + nt) + 2 * hf + e] = kNegInf;
+              }
+          }
         }
       }
-
-      // ==== row max, new running max ====
-      float bmax[2], m_new[2], alpha[2];
+      // block maxima (per half when PV skip is on), new running max
+      float bmax[2][2], m_new[2], m_mid[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        float x = kNegInf;
+        float xa = kNegInf, xb = kNegInf;
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; ++nt) x = fmaxf(x, fmaxf(sc_acc[4 * nt + 2 * hf], sc_acc[4 * nt + 2 * hf + 1]));
-        x = quad_max(x) * sc;
-        bmax[hf] = x;
-        m_new[hf] = fmaxf(m_run[hf], x);
+        for (int nt = 0; nt < BK / 8; ++nt) {
+          xa = fmaxf(xa, fmaxf(acc[4 * nt + 2 * hf], acc[4 * nt + 2 * hf + 1]));
+          xb = fmaxf(xb, fmaxf(acc[4 * (BK / 8 + nt) + 2 * hf], acc[4 * (BK / 8 + nt) + 2 * hf + 1]));
+        }
+        if (pv_on) {
+          xa = quad_max(xa) * sc;
+          xb = quad_max(xb) * sc;
+        } else {
+          xa = quad_max(fmaxf(xa, xb)) * sc;
+          xb = kNegInf;
+        }
+        bmax[0][hf] = xa;
+        bmax[1][hf] = xb;
+        m_mid[hf] = fmaxf(m_run[hf], xa);   // running max after ja
+        m_new[hf] = fmaxf(m_mid[hf], xb);   // after jb
       }
-
-      // ==== PV skip: the warpgroup skips when every valid row it owns agrees ====
-      bool skip = false;
-      if (pv_on && it > 0) {
-        bool agree = true;
+      use[0] = true;
+      use[1] = jb >= 0;
+      if (pv_on) {
+        // a block is skipped when every valid row of the warpgroup has
+        // rowmax(block) <= running max (including the block) - lambda
+        bool agree_a = true, agree_b = true;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
-          if (qrow0 + 8 * hf < p.Lq && !(bmax[hf] <= m_new[hf] - lam)) agree = false;
-        skip = bar_and(1 + cw, 128, agree);
+          if (qrow0 + 8 * hf < p.Lq) {
+            if (!(bmax[0][hf] <= m_mid[hf] - lam)) agree_a = false;
+            if (!(bmax[1][hf] <= m_new[hf] - lam)) agree_b = false;
+          }
+        if (!first && bar_and(1 + cw, 128, agree_a)) use[0] = false;
+        if (jb >= 0 && bar_and(1 + cw, 128, agree_b)) use[1] = false;
+        if (lane == 0 && wl == 0 && row_first < p.Lq) nskip += (int)!use[0] + (int)(jb >= 0 && !use[1]);
       }
-
-      bool alpha_one = true;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         alpha[hf] = m_new[hf] == kNegInf ? 1.0f : fast_exp2(m_run[hf] - m_new[hf]);
-        alpha_one = alpha_one && alpha[hf] == 1.0f;
-      }
-
-      // ==== P = exp2(s - m_new), row sums; P packed as the A fragments of P.V ====
-      uint32_t pa[BK / 16][4];
-      if (!skip) {
+        const float mu = m_new[hf] == kNegInf ? 0.0f : m_new[hf];
+        float sum = 0.0f;
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float mu = m_new[hf] == kNegInf ? 0.0f : m_new[hf];
-          float sum = 0.0f;
+        for (int hb = 0; hb < 2; ++hb) {
 #pragma unroll
           for (int nt = 0; nt < BK / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const float pe = fast_exp2(fmaf(sc_acc[4 * nt + 2 * hf + e], sc, -mu));
-              sc_acc[4 * nt + 2 * hf + e] = pe;
+              float &x = acc[4 * (hb * BK / 8 + nt) + 2 * hf + e];
+              const float pe = use[hb] ? fast_exp2(fmaf(x, sc, -mu)) : 0.0f;
+              x = pe;
               sum += pe;
             }
-          l_run[hf] = l_run[hf] * alpha[hf] + sum;
         }
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          pa[kk][0] = E::pack(sc_acc[8 * kk + 0], sc_acc[8 * kk + 1]);  // row g,   keys 16kk+2t..
-          pa[kk][1] = E::pack(sc_acc[8 * kk + 2], sc_acc[8 * kk + 3]);  // row g+8, keys 16kk+2t..
-          pa[kk][2] = E::pack(sc_acc[8 * kk + 4], sc_acc[8 * kk + 5]);  // row g,   keys 16kk+8+2t..
-          pa[kk][3] = E::pack(sc_acc[8 * kk + 6], sc_acc[8 * kk + 7]);  // row g+8, keys 16kk+8+2t..
-        }
-      } else {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) l_run[hf] *= alpha[hf];
-        if (lane == 0 && wl == 0 && row_first < p.Lq) ++nskip;
+        l_run[hf] = l_run[hf] * alpha[hf] + sum;
+        m_run[hf] = m_new[hf];
       }
-      if (!__all_sync(0xffffffffu, alpha_one)) {
+    };
+    auto pack = [&](const float (&acc)[NS], uint32_t (&pa)[TN / 16][4]) {
+#pragma unroll
+      for (int kk = 0; kk < TN / 16; ++kk) {
+        pa[kk][0] = E::pack(acc[8 * kk + 0], acc[8 * kk + 1]);  // row g,   keys 16kk+2t..
+        pa[kk][1] = E::pack(acc[8 * kk + 2], acc[8 * kk + 3]);  // row g+8, keys 16kk+2t..
+        pa[kk][2] = E::pack(acc[8 * kk + 4], acc[8 * kk + 5]);  // row g,   keys 16kk+8+2t..
+        pa[kk][3] = E::pack(acc[8 * kk + 6], acc[8 * kk + 7]);  // row g+8, keys 16kk+8+2t..
+      }
+    };
+    auto rescale = [&](const float (&alpha)[2]) {
+      if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
 #pragma unroll
         for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
       }
-      m_run[0] = m_new[0];
-      m_run[1] = m_new[1];
-
-      // ==== O += P V ====
-      mbar_wait(bar_v(s), ph);
-      if (!skip) {
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          const uint64_t db = make_desc(sV + s * C::kKVBytes + kk * 16 * 128, BK * 128, 1024);
-          sm90::Wgmma<T, D>::template rs<1>(o, pa[kk], db, 1);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(o);
-      }
+    };
+    auto release = [&](int s) {
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_e(s));
-    }
-    const int kept = it;
+    };
 
+    mbar_wait(bar_q, 0);
+    mbar_wait(bar_k(0), 0);
+    int ja = s_blk[0];
+    if (ja >= 0) {
+      int jb = s_blk[1];
+      uint32_t pa[TN / 16][4];
+      bool use[2];
+      {
+        float acc[NS], alpha[2];
+        issue_qk(acc, 0);
+        wgmma_wait<0>();
+        fence_regs(acc);
+        softmax(acc, ja, jb, 0, true, use, alpha);  // alpha = 1: O is still zero
+        pack(acc, pa);
+      }
+      int t = 0;  // pa/use belong to stage t (blocks ja, jb)
+      for (;;) {
+        kept += jb >= 0 ? 2 : 1;
+        const int sp = t % S, sn = (t + 1) % S;
+        mbar_wait(bar_k(sn), (uint32_t)((t + 1) / S) & 1u);
+        const int ja_n = s_blk[2 * sn];
+        if (ja_n < 0) {
+          // last stage: O += P(t) V(t)
+          mbar_wait(bar_v(sp), (uint32_t)(t / S) & 1u);
+          issue_pv(pa, sp);
+          wgmma_wait<0>();
+          fence_regs(o);
+          fence_regs(pa);
+          release(sp);
+          break;
+        }
+        const int jb_n = s_blk[2 * sn + 1];
+        float acc[NS], alpha[2];
+        bool use_n[2];
+        issue_qk(acc, sn);                              // S(t+1) runs while ...
+        mbar_wait(bar_v(sp), (uint32_t)(t / S) & 1u);
+        issue_pv(pa, sp);               // ... P(t) V(t) is queued behind it
+        wgmma_wait<1>();                                // S(t+1) done; P.V(t) may still run
+        fence_regs(acc);
+        softmax(acc, ja_n, jb_n, sn, false, use_n, alpha);
+        wgmma_wait<0>();  // P.V(t) done: O may be rescaled, P(t) and stage t released
+        fence_regs(o);
+        fence_regs(pa);
+        release(sp);
+        rescale(alpha);
+        pack(acc, pa);
+        use[0] = use_n[0];
+        use[1] = use_n[1];
+        jb = jb_n;
+        ++t;
+      }
+    }
     // ==== epilogue: out = O / l (0 for rows that saw no key), lse ====
     T *og = static_cast<T *>(p.out) + b * p.o_sb + h * p.o_sh;
 #pragma unroll

@@ -111,6 +111,16 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Same for the A fragments of a register-sourced wgmma: they are read by the
+// tensor cores until the wait, so their registers must not be reused before.
+template <int K>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[K][4]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
 // ---- wgmma instructions (m64nNk16, fp32 accumulate; generated list) ----
 // D[64, 64] (+)= A[64, 16] * B[16, 64]; A, B from shared memory (descriptors).
 template <int TRANS_B>
