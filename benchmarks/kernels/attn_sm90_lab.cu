@@ -363,8 +363,8 @@ static void time_shape(int H, int L, double dens, int causal, bool with80) {
 }
 
 using C128 = Sm90Cfg<128, 3>;
-using C64 = Sm90Cfg<64, 4>;
-using C64b = Sm90Cfg<64, 6>;
+using C64 = Sm90Cfg<64, 6>;
+
 
 int main(int argc, char **argv) {
   const char *mode = argc > 1 ? argv[1] : "check";
@@ -376,14 +376,13 @@ int main(int argc, char **argv) {
     f += check_all<__nv_bfloat16, C64>();
     printf("== D=128 BK=64 fp16\n");
     f += check_all<__half, C128>();
+
     printf("check: %d failures\n", f);
     return f ? 1 : 0;
   }
-  for (double d : {1.0, 0.5, 0.25, 0.1}) time_shape<__nv_bfloat16, C128>(16, 32768, d, 0, true);
-  for (double d : {1.0, 0.25}) time_shape<__nv_bfloat16, C128>(32, 8192, d, 0, true);
-  for (double d : {1.0, 0.5, 0.25, 0.1}) time_shape<__nv_bfloat16, C64>(32, 16384, d, 0, true);
-  time_shape<__nv_bfloat16, C128>(16, 32768, 1.0, 1, true);
-  time_shape<__nv_bfloat16, C64b>(32, 16384, 1.0, 0, false);
-  time_shape<__nv_bfloat16, C64b>(32, 16384, 0.1, 0, false);
+  for (double d : {1.0, 0.25, 0.1}) time_shape<__nv_bfloat16, C128>(16, 32768, d, 0, true);
+  time_shape<__nv_bfloat16, C128>(32, 8192, 1.0, 0, false);
+  for (double d : {1.0, 0.25, 0.1}) time_shape<__nv_bfloat16, C64>(32, 16384, d, 0, true);
+  time_shape<__nv_bfloat16, C128>(16, 32768, 1.0, 1, false);
   return 0;
 }
