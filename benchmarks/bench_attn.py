@@ -10,40 +10,25 @@ and flash ms, FlexAttention ms with the same block mask, the SpargeAttn
 reference implementation when it is importable (`spas_sage_attn`, built
 separately, see README.md), speedups, and dense-equivalent TOPS
 (4*B*H*L^2*D / time, halved for causal) labelled as such.
-Timing: CUDA events, warm-up, median (triton.testing.do_bench when available),
-inputs far larger than L2 at these sizes.
+Timing: common.time_ms (CUDA events, warm-up, median, L2 flushed before every
+timed call). Every row also carries the provenance columns of common.provenance
+(commit, torch and CUDA versions, GPU name, date); the default CSV is
+results/<gpu>/bench_attn_<YYYYMMDD>_<commit>.csv.
 """
 import argparse
 import math
-import os
-import re
 
 import torch
 import torch.nn.functional as F
-from common import write_rows
+from common import default_csv, git_commit, provenance, time_ms, write_rows
 
 import sparge
 
 
 def bench(fn) -> float:
-    """Median milliseconds of fn on the current stream."""
-    try:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except ImportError:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(20):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        times.sort()
-        return times[len(times) // 2]
+    """Median milliseconds of fn on the current stream (common.time_ms: CUDA
+    events, warm-up, L2 flushed before every timed call)."""
+    return time_ms(fn, "cuda")
 
 
 def sdpa_backend(name):
@@ -141,7 +126,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-ref", action="store_true", help="skip the SpargeAttn reference even if importable")
-    ap.add_argument("--csv", default=None)
+    ap.add_argument("--csv", default=None, help="default results/<gpu>/bench_attn_<YYYYMMDD>_<commit>.csv")
     ap.add_argument("--shape", action="append", default=None, metavar="B,H,L,D",
                     help="only these shapes (repeatable); with --densities/--causal for a focused run")
     ap.add_argument("--densities", default=None, help="comma-separated, e.g. 1,0.5,0.25,0.1")
@@ -164,7 +149,8 @@ def main():
     if args.causal:
         causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     rows = []
-    print(f"{gpu}, torch {torch.__version__}, {dtype}; TOPS are dense-equivalent (4*B*H*L^2*D/t, /2 if causal)")
+    print(f"{gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, commit {git_commit()}, {dtype}; "
+          "TOPS are dense-equivalent (4*B*H*L^2*D/t, /2 if causal)")
     print(f"{'shape':>22} {'causal':>6} {'dens':>5} {'got':>5} {'pred':>6} {'kernel':>7} {'api':>7} {'cudnn':>7} "
           f"{'flash':>7} {'flex':>7} {'ref_k':>7} {'ref_api':>7} {'xcudnn':>6} {'TOPS':>6}")
     for B, H, L, D in shapes:
@@ -200,9 +186,7 @@ def main():
                 print(f"{str((B, H, L, D)):>22} {str(causal):>6} {density:>5.2f} {got:>5.2f} {t_pred:>6.3f} "
                       f"{t_kernel:>7.3f} {t_api:>7.3f} {t_cudnn:>7.3f} {t_flash:>7.3f} {t_flex:>7.3f} {t_rk:>7.3f} {t_ra:>7.3f} "
                       f"{t_cudnn / t_api:>6.2f} {flops / t_api / 1e9:>6.0f}", flush=True)
-    path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu), "bench_attn.csv")
-    write_rows(path, rows)
+    write_rows(args.csv or default_csv("bench_attn", dev), rows, provenance(dev))
 
 
 if __name__ == "__main__":

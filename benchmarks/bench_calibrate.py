@@ -10,33 +10,25 @@ each call by module path and searches per head. Reported: calibration wall
 time (data generation and the model's own dense attention included), then per
 layer the merged config's density and relative-L1 error on the calibration
 samples and on a held-out sample, and the sparse vs dense time of one layer.
-CSV under benchmarks/results/<gpu or cpu>/.
+CSV under benchmarks/results/<gpu or cpu>/bench_calibrate_<YYYYMMDD>_<commit>.csv,
+every row with the provenance columns of common.provenance (commit, torch and
+CUDA versions, GPU name or CPU model, date).
 """
 import argparse
-import os
-import re
 import time
 
 import torch
 import torch.nn.functional as F
-from common import write_rows
+from common import default_csv, provenance, time_ms, write_rows
 
 import sparge
 from sparge.demo import VideoAttentionModel, make_video_qkv
 
 
 def _ms(fn, device) -> float:
-    fn()
-    times = []
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[2]
+    """Median ms of one call (common.time_ms: CUDA events with L2 flush on a GPU,
+    perf_counter on the CPU), one warm-up call and 5 repeats."""
+    return time_ms(fn, device, warmup=1, repeats=5)
 
 
 def main(argv=None) -> int:
@@ -110,9 +102,7 @@ def main(argv=None) -> int:
           f"max rel L1: calibration {max(r['calib_rel_l1_max'] for r in rows):.4f}, "
           f"held-out {max(r['heldout_rel_l1_max'] for r in rows):.4f}")
     if args.csv or not args.tiny:
-        out = args.csv or os.path.join(os.path.dirname(__file__), "results", re.sub(r"[^A-Za-z0-9]+", "_", gpu),
-                                       "bench_calibrate.csv")
-        write_rows(out, rows)
+        write_rows(args.csv or default_csv("bench_calibrate", device), rows, provenance(device))
     return 0
 
 

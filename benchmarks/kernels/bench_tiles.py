@@ -7,17 +7,23 @@ variant against an fp32 reference on two heads.
 
 With --predict (repeatable), also times builds of predict_flows.cu, eager and
 as a CUDA graph replay, and checks that they give the first build's masks.
+Timing: benchmarks/common.py time_ms (before it, triton's do_bench; both take
+the median with L2 flushed between calls).
 """
 import ctypes
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import git_commit, time_ms  # noqa: E402  (benchmarks/common.py)
 
 
 def bench(fn):
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median ms (common.time_ms: CUDA events, warm-up, L2 flushed before every timed call)."""
+    return time_ms(fn, "cuda")
 
 
 def sdpa(q, k, v, backend):
@@ -94,7 +100,7 @@ def main():
             if lib.tile_info(v, *(ctypes.byref(x) for x in (d, bq, bk, g, sm))):
                 variants.append((v, lib, d.value, bq.value, bk.value, g.value, sm.value))
     dev = torch.device("cuda")
-    print(torch.cuda.get_device_name(dev), torch.__version__)
+    print(torch.cuda.get_device_name(dev), torch.__version__, f"CUDA {torch.version.cuda}", f"commit {git_commit()}")
     cudnn_ms = {}
     for (B, H, L, D) in [(1, 32, 16384, 64), (1, 16, 16384, 128), (1, 16, 32768, 128)]:
         gen = torch.Generator(device=dev).manual_seed(0)

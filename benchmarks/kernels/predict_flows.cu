@@ -1,8 +1,9 @@
 // predict_flows.cu — experiment (not part of the build): csrc/cuda/predict.cu
 // compiled whole with a plain C entry point (bf16 q/k, per-head parameters),
 // for benchmarks/kernels/bench_tiles.py --predict. Build one library per
-// variant of predict.cu under test (e.g. the tree with predict_fused.patch
-// applied, or with a -D knob added for the experiment) and pass each with
+// variant of predict.cu under test (e.g. the tree of commit a3ffdf4 with its
+// benchmarks/kernels/predict_fused.patch applied, see NOTES.md, or with a -D
+// knob added for the experiment) and pass each with
 // --predict; the first is the baseline whose masks the others must equal.
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -shared -Xcompiler -fPIC \
 //        -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc -DSPARGE_WITH_CUDA \
