@@ -60,6 +60,7 @@
 
 #include <atomic>
 
+#include "attn_params.h"
 #include "common.cuh"
 
 namespace sparge_cuda {
@@ -131,38 +132,6 @@ struct AttnTile<256> {
 template <int D, int STAGES = AttnTile<D>::kStages>
 using AttnCfgFor = AttnCfg<D, AttnTile<D>::kBQ, AttnTile<D>::kBK, AttnTile<D>::kWarps, STAGES,
                            AttnTile<D>::kQInRegs, AttnTile<D>::kMinBlocks>;
-
-// ---------------------------------------------------------------------------
-// Parameters: one plain struct, passed by value. Strides in elements.
-// ---------------------------------------------------------------------------
-struct AttnParams {
-  const void *q;                  // [B, Hq, Lq, D]   16-bit
-  const void *k;                  // [B, Hkv, Lk, D]  16-bit
-  const void *v;                  // [B, Hkv, Lk, D]  16-bit
-  void *out;                      // [B, Hq, Lq, D]   16-bit
-  const uint8_t *mask;            // [B, Hq, nq, nk]  bool/uint8
-  const uint8_t *kpad;            // [B, Lk] bool/uint8, or null
-  const float *pv;                // [Hq] lambda, or null (PV skip off)
-  float *lse;                     // [B, Hq, Lq], or null
-  unsigned long long *stats;      // [B, Hq, 4] int64 (zeroed before the launch), or null
-  int64_t q_sb, q_sh, q_sl;
-  int64_t k_sb, k_sh, k_sl;
-  int64_t v_sb, v_sh, v_sl;
-  int64_t o_sb, o_sh, o_sl;
-  int64_t m_sb, m_sh, m_si, m_sj;
-  int64_t kp_sb, kp_sl;
-  int64_t pv_s;
-  int64_t lse_sb, lse_sh, lse_sl;
-  int64_t st_sb, st_sh, st_si;
-  // Sizes. The host guarantees nq * B * Hq <= INT_MAX and Lq, Lk <= INT_MAX - 1024,
-  // so every row, key and block index below fits in 32 bits.
-  int32_t B, Hq, rep;             // rep = Hq / Hkv
-  int32_t Lq, Lk;
-  int32_t causal_off;             // causal: row r sees keys c <= r + causal_off (0 or Lk - Lq)
-  int32_t nq, nk;
-  int32_t causal;                 // 0/1
-  float scale_log2;               // scale * log2(e)
-};
 
 // ---------------------------------------------------------------------------
 // Per-warp slot in shared memory and the kept-block cursor
