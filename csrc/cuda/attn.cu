@@ -3,17 +3,18 @@
 // explicit instantiations (csrc/cuda/inst/*.cu) of attn_sm80.cuh.
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
-#include "../internal.h"
 #include "attn_sm80.cuh"
+#include "host.h"
 
 namespace {
 
 using sparge_cuda::AttnCfgFor;
 using sparge_cuda::AttnParams;
+using sparge_cuda::cuda_error;
+using sparge_cuda::DeviceGuard;
 
 // Block shape, PV row group and shared memory of the kernel for a head dim.
 struct TileInfo {
@@ -34,10 +35,6 @@ bool find_tile(int64_t head_dim, TileInfo *t) {
     case 256: *t = tile_info<256>(); return true;
     default: return false;
   }
-}
-
-sparge_status_t cuda_error(cudaError_t err, const char *what) {
-  return sparge_set_error(SPARGE_ERROR_CUDA, "%s: %s (%s)", what, cudaGetErrorName(err), cudaGetErrorString(err));
 }
 
 // Head dims and precision the kernels exist for (shared by block_shape and attn).
@@ -61,21 +58,13 @@ sparge_status_t check_supported(int64_t head_dim, int64_t head_dim_v, int32_t dt
   return SPARGE_SUCCESS;
 }
 
-// Opt-in shared memory per block of a device, cached (0 = not queried yet;
-// races only repeat the query).
-constexpr int kMaxDevices = 64;
-std::atomic<int> g_smem_optin[kMaxDevices];
-
 // The kernel's shared memory fits the device's opt-in per-block limit
 // (sm86/sm89 allow 99 KB: D = 256 does not fit there).
 sparge_status_t check_smem(int32_t device_id, int64_t head_dim, const TileInfo &tile) {
-  const bool cached = device_id >= 0 && device_id < kMaxDevices;
-  int optin = cached ? g_smem_optin[device_id].load(std::memory_order_relaxed) : 0;
-  if (optin == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id);
-    if (err != cudaSuccess) return cuda_error(err, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-    if (cached) g_smem_optin[device_id].store(optin, std::memory_order_relaxed);
-  }
+  sparge_cuda::DeviceInfo info;
+  const sparge_status_t st = sparge_cuda::device_info(device_id, &info);
+  if (st != SPARGE_SUCCESS) return st;
+  const int optin = info.smem_optin;
   if (tile.smem_bytes > optin)
     return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
                             "device: head dim %lld needs %d bytes of shared memory per block, device %d allows %d",
@@ -117,23 +106,6 @@ cudaError_t launch_dtype(int64_t head_dim, const AttnParams &p, unsigned grid, c
     default: return cudaErrorInvalidValue;  // unreachable: check_supported ran first
   }
 }
-
-// Restores the calling thread's current device on scope exit.
-struct DeviceGuard {
-  int prev = -1;
-  bool switched = false;
-  cudaError_t enter(int device) {
-    cudaError_t err = cudaGetDevice(&prev);
-    if (err != cudaSuccess) return err;
-    if (prev == device) return cudaSuccess;
-    err = cudaSetDevice(device);
-    switched = err == cudaSuccess;
-    return err;
-  }
-  ~DeviceGuard() {
-    if (switched) cudaSetDevice(prev);
-  }
-};
 
 }  // namespace
 
