@@ -663,27 +663,13 @@ cudaError_t launch_cfg(const AttnParams &p, unsigned grid, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-// Head dim D with the tile of the table.
+// Head dim D with the tile of csrc/tile_config.h. Instantiated once each in
+// csrc/cuda/inst/attn_sm80_d<D>_<dtype>.cu (list: inst/generate.py), declared
+// extern by the registry (cuda/registry.cu) that holds their addresses.
 template <typename T, int D>
-cudaError_t launch_attn(const AttnParams &p, unsigned grid, cudaStream_t stream) {
+cudaError_t launch_attn_sm80(const AttnParams &p, unsigned grid, cudaStream_t stream) {
   return launch_cfg<T, AttnCfgFor<D>>(p, grid, stream);
 }
-
-#define SPARGE_ATTN_SM80_INSTANCES(X) \
-  X(__half, 64)                       \
-  X(__half, 96)                       \
-  X(__half, 128)                      \
-  X(__half, 256)                      \
-  X(__nv_bfloat16, 64)                \
-  X(__nv_bfloat16, 96)                \
-  X(__nv_bfloat16, 128)               \
-  X(__nv_bfloat16, 256)
-
-// Instantiated once each in csrc/cuda/inst/*.cu; nowhere else.
-#define SPARGE_ATTN_SM80_EXTERN(T, D) \
-  extern template cudaError_t launch_attn<T, D>(const AttnParams &, unsigned, cudaStream_t);
-SPARGE_ATTN_SM80_INSTANCES(SPARGE_ATTN_SM80_EXTERN)
-#undef SPARGE_ATTN_SM80_EXTERN
 
 }  // namespace sparge_cuda
 
