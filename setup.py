@@ -130,6 +130,9 @@ class BuildExt(build_ext):
                 for f in [pool.submit(compile_cu, src, flags, obj) for (src, flags), obj in zip(units, objs)]:
                     f.result()
             ext.extra_objects = list(ext.extra_objects or []) + objs
+            # setuptools relinks only when a dependency is newer than the module;
+            # the objects just built always are, so CUDA edits reach the module
+            ext.depends = list(ext.depends or []) + objs
             ext.define_macros = list(ext.define_macros or []) + [("SPARGE_WITH_CUDA", "1")]
             ext.library_dirs = list(ext.library_dirs or []) + [libdir]
             ext.extra_link_args = list(ext.extra_link_args or []) + ["-lcudart_static", "-ldl", "-lrt", "-lpthread"]
