@@ -13,9 +13,8 @@ so that the build compiles them side by side. Per family it writes
 inst/attn_<family>.inc, one SPARGE_ATTN_<FAMILY>(...) line per entry, which
 registry.cu expands into the extern declarations and the table rows.
 
-Each instantiation costs build time on the 2-core CI machine (the sm80 units
-take about a minute each per arch): add a head dim only when padding it to a
-compiled one is measurably slower.
+Each instantiation costs build time on the 2-core CI machine, once per arch:
+add a head dim only when padding it to a compiled one is measurably slower.
 
 Pure Python, standard library only.
 """
