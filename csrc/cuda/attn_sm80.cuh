@@ -16,6 +16,7 @@
 #include "../tile_config.h"
 #include "attn_params.h"
 #include "common.cuh"
+#include "host.h"
 
 namespace sparge_cuda {
 
@@ -647,7 +648,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
 // memory limit once per device. Returns the launch error, if any.
 template <typename T, class C>
 cudaError_t launch_cfg(const AttnParams &p, unsigned grid, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_set[kMaxDevices];  // races only repeat the attribute call
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
