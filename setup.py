@@ -3,12 +3,22 @@ found, the CUDA backend.
 
 Knobs (environment variables):
   SPARGE_CUDA=0            skip the CUDA sources even if nvcc exists
-  SPARGE_CUDA_ARCHS        ';'-separated list, default "80;90a"
+  SPARGE_CUDA_ARCHS        ';'-separated list, default "80;90a"; every CUDA unit
+                           is compiled for each (one image per arch), except
+                           the sm90-only units (below)
   SPARGE_CPU_ARCH          -march value for the C backend, default "native";
                            "none" builds portable code (for wheels built on
                            one machine and installed on another)
   CUDA_HOME                CUDA toolkit root (default: from nvcc's location)
   SPARGE_BUILD_JOBS        parallel nvcc jobs (default: CPU count)
+
+CUDA units named *_sm90*.cu (in csrc/cuda and csrc/cuda/inst) use sm_90a-only
+instructions (wgmma, TMA, setmaxnreg): they are compiled for 90a alone, and
+skipped when 90a is not in SPARGE_CUDA_ARCHS. Every unit sees
+SPARGE_CUDA_SM90=1 exactly when they are built, so that the kernel registry
+(csrc/cuda/registry.cu) lists the sm90 kernels only then. Device code carries
+line info (-lineinfo, for profilers) and ptxas reports register spills and
+local-memory use as warnings.
 
 The build needs setuptools and pybind11 only: no torch headers are included.
 """
@@ -24,16 +34,22 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
-C_SOURCES = ["csrc/api.c"] + sorted(
-    os.path.join("csrc/cpu", f) for f in os.listdir(os.path.join(ROOT, "csrc/cpu")) if f.endswith(".c")
-)
-CU_SOURCES = sorted(
-    os.path.join("csrc/cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc/cuda")) if f.endswith(".cu")
-)
-for sub in ("csrc/cuda/inst",):
-    if os.path.isdir(os.path.join(ROOT, sub)):
-        CU_SOURCES += sorted(os.path.join(sub, f) for f in os.listdir(os.path.join(ROOT, sub)) if f.endswith(".cu"))
+
+
+def _sources(folder, suffix):
+    path = os.path.join(ROOT, folder)
+    if not os.path.isdir(path):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(path) if f.endswith(suffix))
+
+
+C_SOURCES = ["csrc/api.c"] + _sources("csrc/cpu", ".c")
+CU_SOURCES = _sources("csrc/cuda", ".cu") + _sources("csrc/cuda/inst", ".cu")
+
+
+def _sm90_only(src):
+    """Units that use sm_90a-only instructions, by the naming convention above."""
+    return "_sm90" in os.path.basename(src)
 
 
 def _compiler_accepts(compiler_cmd, flags):
@@ -87,25 +103,36 @@ class BuildExt(build_ext):
         libdir = _cuda_libdir(home) if nvcc else None
         if nvcc and libdir and CU_SOURCES:
             archs = [a for a in os.environ.get("SPARGE_CUDA_ARCHS", "80;90a").split(";") if a]
-            gencode = []
-            for a in archs:
-                gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-            os.makedirs(self.build_temp, exist_ok=True)
-            objs = [os.path.join(self.build_temp, src.replace("/", "_") + ".o") for src in CU_SOURCES]
+            with_sm90 = "90a" in archs
 
-            def compile_cu(src, obj):
-                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                       "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc/include", "-Icsrc",
-                       "-DSPARGE_WITH_CUDA"] + gencode
+            def gencode(arch_list):
+                flags = []
+                for a in arch_list:
+                    flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+                return flags
+
+            units = [(src, gencode(["90a"] if _sm90_only(src) else archs))
+                     for src in CU_SOURCES if with_sm90 or not _sm90_only(src)]
+            defines = ["-DSPARGE_WITH_CUDA"] + (["-DSPARGE_CUDA_SM90=1"] if with_sm90 else [])
+            os.makedirs(self.build_temp, exist_ok=True)
+            objs = [os.path.join(self.build_temp, src.replace("/", "_") + ".o") for src, _ in units]
+
+            def compile_cu(src, arch_flags, obj):
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                       "-Xptxas", "-warn-spills,-warn-lmem-usage",
+                       "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc/include", "-Icsrc"] + defines + arch_flags
                 print(" ".join(cmd), file=sys.stderr)
                 subprocess.check_call(cmd, cwd=ROOT)
 
             # instantiation units are independent: compile them side by side
             jobs = int(os.environ.get("SPARGE_BUILD_JOBS", os.cpu_count() or 1))
             with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                for f in [pool.submit(compile_cu, s, o) for s, o in zip(CU_SOURCES, objs)]:
+                for f in [pool.submit(compile_cu, src, flags, obj) for (src, flags), obj in zip(units, objs)]:
                     f.result()
             ext.extra_objects = list(ext.extra_objects or []) + objs
+            # setuptools relinks only when a dependency is newer than the module;
+            # the objects just built always are, so CUDA edits reach the module
+            ext.depends = list(ext.depends or []) + objs
             ext.define_macros = list(ext.define_macros or []) + [("SPARGE_WITH_CUDA", "1")]
             ext.library_dirs = list(ext.library_dirs or []) + [libdir]
             ext.extra_link_args = list(ext.extra_link_args or []) + ["-lcudart_static", "-ldl", "-lrt", "-lpthread"]

@@ -1,87 +1,21 @@
-// attn.cu — host side of the CUDA block-sparse attention forward: block shapes,
-// argument checks the kernel needs beyond api.c's, and the dispatch over the
-// explicit instantiations (csrc/cuda/inst/*.cu) of attn_sm80.cuh.
+// attn.cu — host side of the CUDA block-sparse attention forward: block shapes
+// and the kernel to run, both from the registry (registry.cu), argument checks
+// the kernels need beyond api.c's, and the launch.
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
-#include "../internal.h"
-#include "attn_sm80.cuh"
+#include "host.h"
+#include "registry.h"
 
 namespace {
 
-using sparge_cuda::AttnCfgFor;
+using sparge_cuda::AttnKernel;
 using sparge_cuda::AttnParams;
-
-// Block shape, PV row group and shared memory of the kernel for a head dim.
-struct TileInfo {
-  int block_q, block_k, pv_group, smem_bytes;
-};
-
-template <int D>
-TileInfo tile_info() {
-  using C = AttnCfgFor<D>;
-  return TileInfo{C::kBQ, C::kBK, C::kWM, C::kSmemBytes};
-}
-
-bool find_tile(int64_t head_dim, TileInfo *t) {
-  switch (head_dim) {
-    case 64: *t = tile_info<64>(); return true;
-    case 96: *t = tile_info<96>(); return true;
-    case 128: *t = tile_info<128>(); return true;
-    case 256: *t = tile_info<256>(); return true;
-    default: return false;
-  }
-}
-
-sparge_status_t cuda_error(cudaError_t err, const char *what) {
-  return sparge_set_error(SPARGE_ERROR_CUDA, "%s: %s (%s)", what, cudaGetErrorName(err), cudaGetErrorString(err));
-}
-
-// Head dims and precision the kernels exist for (shared by block_shape and attn).
-sparge_status_t check_supported(int64_t head_dim, int64_t head_dim_v, int32_t dtype, int32_t precision,
-                                TileInfo *tile) {
-  if (precision == SPARGE_PRECISION_INT8)
-    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "precision: int8 has no CUDA kernel in this build yet");
-  if (precision != SPARGE_PRECISION_AUTO && precision != SPARGE_PRECISION_FP16 &&
-      precision != SPARGE_PRECISION_BF16)
-    return sparge_set_error(SPARGE_ERROR_INVALID_VALUE, "precision: unknown code %d", (int)precision);
-  if (dtype != SPARGE_DTYPE_FLOAT16 && dtype != SPARGE_DTYPE_BFLOAT16)
-    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
-                            "dtype: the CUDA kernel computes in float16 or bfloat16 (dtype code %d)", (int)dtype);
-  if (head_dim != head_dim_v)
-    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
-                            "head_dim_v: %lld differs from head_dim %lld; the CUDA kernel needs equal head dims",
-                            (long long)head_dim_v, (long long)head_dim);
-  if (!find_tile(head_dim, tile))
-    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
-                            "head_dim: %lld has no CUDA kernel (supported: 64, 96, 128, 256)", (long long)head_dim);
-  return SPARGE_SUCCESS;
-}
-
-// Opt-in shared memory per block of a device, cached (0 = not queried yet;
-// races only repeat the query).
-constexpr int kMaxDevices = 64;
-std::atomic<int> g_smem_optin[kMaxDevices];
-
-// The kernel's shared memory fits the device's opt-in per-block limit
-// (sm86/sm89 allow 99 KB: D = 256 does not fit there).
-sparge_status_t check_smem(int32_t device_id, int64_t head_dim, const TileInfo &tile) {
-  const bool cached = device_id >= 0 && device_id < kMaxDevices;
-  int optin = cached ? g_smem_optin[device_id].load(std::memory_order_relaxed) : 0;
-  if (optin == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id);
-    if (err != cudaSuccess) return cuda_error(err, "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-    if (cached) g_smem_optin[device_id].store(optin, std::memory_order_relaxed);
-  }
-  if (tile.smem_bytes > optin)
-    return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED,
-                            "device: head dim %lld needs %d bytes of shared memory per block, device %d allows %d",
-                            (long long)head_dim, tile.smem_bytes, (int)device_id, optin);
-  return SPARGE_SUCCESS;
-}
+using sparge_cuda::cuda_error;
+using sparge_cuda::DeviceGuard;
+using sparge_cuda::find_attn_kernel;
 
 bool multiple_of(uintptr_t x, uintptr_t m) { return x % m == 0; }
 
@@ -107,50 +41,19 @@ __global__ void zero_stats_kernel(unsigned long long *st, int64_t B, int64_t H, 
   st[b * sb + h * sh + s * si] = 0ull;
 }
 
-template <typename T>
-cudaError_t launch_dtype(int64_t head_dim, const AttnParams &p, unsigned grid, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return sparge_cuda::launch_attn<T, 64>(p, grid, stream);
-    case 96: return sparge_cuda::launch_attn<T, 96>(p, grid, stream);
-    case 128: return sparge_cuda::launch_attn<T, 128>(p, grid, stream);
-    case 256: return sparge_cuda::launch_attn<T, 256>(p, grid, stream);
-    default: return cudaErrorInvalidValue;  // unreachable: check_supported ran first
-  }
-}
-
-// Restores the calling thread's current device on scope exit.
-struct DeviceGuard {
-  int prev = -1;
-  bool switched = false;
-  cudaError_t enter(int device) {
-    cudaError_t err = cudaGetDevice(&prev);
-    if (err != cudaSuccess) return err;
-    if (prev == device) return cudaSuccess;
-    err = cudaSetDevice(device);
-    switched = err == cudaSuccess;
-    return err;
-  }
-  ~DeviceGuard() {
-    if (switched) cudaSetDevice(prev);
-  }
-};
-
 }  // namespace
 
 extern "C" sparge_status_t sparge_cuda_block_shape(int32_t device_id, int64_t head_dim, int64_t head_dim_v,
                                                    int32_t dtype, int32_t precision, int32_t *out_block_q,
                                                    int32_t *out_block_k, int32_t *out_pv_group,
                                                    int32_t *out_precision) {
-  TileInfo tile{};
-  sparge_status_t st = check_supported(head_dim, head_dim_v, dtype, precision, &tile);
+  const AttnKernel *kern = nullptr;
+  const sparge_status_t st = find_attn_kernel(device_id, head_dim, head_dim_v, dtype, precision, &kern);
   if (st != SPARGE_SUCCESS) return st;
-  st = check_smem(device_id, head_dim, tile);
-  if (st != SPARGE_SUCCESS) return st;
-  if (out_block_q) *out_block_q = tile.block_q;
-  if (out_block_k) *out_block_k = tile.block_k;
-  if (out_pv_group) *out_pv_group = tile.pv_group;
-  if (out_precision)
-    *out_precision = dtype == SPARGE_DTYPE_FLOAT16 ? SPARGE_PRECISION_FP16 : SPARGE_PRECISION_BF16;
+  if (out_block_q) *out_block_q = kern->block_q;
+  if (out_block_k) *out_block_k = kern->block_k;
+  if (out_pv_group) *out_pv_group = kern->pv_group;
+  if (out_precision) *out_precision = kern->precision;
   return SPARGE_SUCCESS;
 }
 
@@ -167,19 +70,19 @@ extern "C" sparge_status_t sparge_cuda_attn(const sparge_dims_t *d, const sparge
                                             const sparge_tensor_t *out, const sparge_tensor_t *out_lse,
                                             const sparge_tensor_t *out_stats, void *workspace, void *stream) {
   (void)workspace;
-  TileInfo tile{};
-  sparge_status_t st = check_supported(d->D, d->Dv, q->dtype, p->precision, &tile);
+  const AttnKernel *kern = nullptr;
+  sparge_status_t st = find_attn_kernel(q->device_id, d->D, d->Dv, q->dtype, p->precision, &kern);
   if (st != SPARGE_SUCCESS) return st;
-  if (p->block_q != tile.block_q || p->block_k != tile.block_k)
+  if (p->block_q != kern->block_q || p->block_k != kern->block_k)
     return sparge_set_error(SPARGE_ERROR_INVALID_VALUE,
                             "block_q/block_k: %d/%d, but the CUDA kernel for head dim %lld uses %d/%d "
                             "(see sparge_block_shape)",
-                            (int)p->block_q, (int)p->block_k, (long long)d->D, tile.block_q, tile.block_k);
-  if (p->pv_group != tile.pv_group)
+                            (int)p->block_q, (int)p->block_k, (long long)d->D, kern->block_q, kern->block_k);
+  if (p->pv_group != kern->pv_group)
     return sparge_set_error(SPARGE_ERROR_INVALID_VALUE,
                             "pv_group: %d, but the CUDA kernel for head dim %lld decides PV skips per %d rows "
                             "(see sparge_block_shape)",
-                            (int)p->pv_group, (long long)d->D, tile.pv_group);
+                            (int)p->pv_group, (long long)d->D, kern->pv_group);
 
   // ---- alignment the kernel relies on ----
   st = check_rows16(q, "q");
@@ -247,8 +150,6 @@ extern "C" sparge_status_t sparge_cuda_attn(const sparge_dims_t *d, const sparge
   DeviceGuard guard;
   cudaError_t err = guard.enter(q->device_id);
   if (err != cudaSuccess) return cuda_error(err, "cudaSetDevice");
-  st = check_smem(q->device_id, d->D, tile);
-  if (st != SPARGE_SUCCESS) return st;
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.stats) {
@@ -259,8 +160,7 @@ extern "C" sparge_status_t sparge_cuda_attn(const sparge_dims_t *d, const sparge
     err = cudaGetLastError();
     if (err != cudaSuccess) return cuda_error(err, "attention: stats reset launch");
   }
-  err = q->dtype == SPARGE_DTYPE_FLOAT16 ? launch_dtype<__half>(d->D, a, (unsigned)ctas, s)
-                                         : launch_dtype<__nv_bfloat16>(d->D, a, (unsigned)ctas, s);
+  err = kern->launch(a, (unsigned)ctas, s);
   if (err != cudaSuccess) return cuda_error(err, "attention kernel launch");
   return SPARGE_SUCCESS;
 }

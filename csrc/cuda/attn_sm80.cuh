@@ -3,54 +3,7 @@
 // launcher template. Semantics: sparge.h sparge_block_sparse_attn, executable
 // form sparge/reference.py block_sparse_attn, CPU twin csrc/cpu/attn.c.
 //
-// ---------------------------------------------------------------------------
-// GPU tile table (to move into tile_config.h; AttnTile<D> below is the code)
-// ---------------------------------------------------------------------------
-//   D    BQ   BK  warps  rows/warp   K/V     Q in    smem     regs      CTAs/SM
-//                        =pv_group  stages  regs    bytes    sm80/90a  (H100)
-//   64   128  64    4       32        1      no      37,328   167/168   3
-//   96   128  64    4       32        1      no      57,808   234/236   2
-//   128  128  64    4       32        1      no      70,096   254/255   2
-//   256  128  64    8       16        1      no     136,080   228/231   1
-// (registers from ptxas, nvcc 13.0, no spills; smem incl. the 16-byte pad row
-//  of D = 96, per-warp slots and row statistics)
-// Why:
-//  - One CTA per (q-block, q-head, batch). Each warp owns a contiguous run of
-//    query rows (rows/warp = the PV-skip row group, reported as pv_group), so
-//    the PV-skip decision is one __all_sync per warp and block.
-//  - 32 rows per warp (two m16 tiles) use every K/V fragment read from shared
-//    memory twice, halving shared-memory traffic per FLOP against 16 rows per
-//    warp (FlashAttention-2 does the same). D = 256 cannot hold a 32 x 256 fp32
-//    accumulator per warp in registers, so it uses 8 warps x 16 rows.
-//  - D = 64: with BK = 64 a Q.K^T + P.V step is only 128 MMAs per warp between
-//    two barriers, too little to hide the exp2/rescale work with 2 CTAs/SM
-//    (1.23x FlashAttention-2). Re-reading Q from shared memory frees registers
-//    (168) for a third CTA per SM, whose warps fill those gaps. Measured on
-//    H100 at B=1, H=32, L=16k (FA2 7.02 ms, benchmarks/kernels/bench_tiles.py):
-//    BK=64 with Q in registers 8.65 ms; BK=64, Q re-read, 3 CTAs/SM 7.63;
-//    BK=128 7.38 (FA2's own D=64 tile); BK=128 with 2 stages 7.17-7.29; 8 warps
-//    x 16 rows 8.3-11.5. BK = 128 is 3 % faster dense but halves the mask's
-//    resolution along keys: on the built-in video demo (H100, same cdf/sim
-//    thresholds) density rose from 0.225 to 0.357 and the end-to-end gain over
-//    SDPA fell from 1.20x to 1.08x. Sparsity is the product, so D = 64 keeps
-//    BK = 64 (SpargeAttn's granularity) with 3 CTAs/SM.
-//  - BK = 64 keys per block (SpargeAttn's granularity) for every D. K/V stages = 1 is
-//    FlashAttention-2's schedule: V(j) loads while Q.K(j) runs, K(j+1) while
-//    P.V(j) runs, two barriers per block. The kernel also implements 2 stages
-//    (K and V double-buffered, loads one block further ahead); on H100 it
-//    measured the same speed (within +-2 %) for every D while needing 28-64 KB
-//    more shared memory (A100 would drop to 1 CTA/SM, sm86/89 cannot fit
-//    D = 128), so 1 stage is the table's choice.
-//  - Q fragments are re-read from shared memory every block (as in FA2): the
-//    255 registers go to the accumulator and the score tile. (kQInRegs keeps
-//    them in registers; no tile of the table uses it now.)
-//  - Shared tiles are XOR-swizzled in 16-byte chunks (chunk ^ (row & 7)) when
-//    a row has a multiple of 8 chunks (D = 64, 128, 256) and padded by 16 bytes
-//    per row otherwise (D = 96, 13 chunks per row); both make every ldmatrix
-//    phase (8 rows x 16 bytes) hit 8 distinct bank groups.
-//  - D = 256 needs 133 KB: sm80 and sm90 only (sm86/sm89 allow 99 KB per block;
-//    the host reports NOT_SUPPORTED there).
-// ---------------------------------------------------------------------------
+// Tiles and why: csrc/tile_config.h (AttnTileSm80).
 #ifndef SPARGE_CUDA_ATTN_SM80_CUH_
 #define SPARGE_CUDA_ATTN_SM80_CUH_
 
@@ -60,7 +13,10 @@
 
 #include <atomic>
 
+#include "../tile_config.h"
+#include "attn_params.h"
 #include "common.cuh"
+#include "host.h"
 
 namespace sparge_cuda {
 
@@ -105,64 +61,10 @@ struct AttnCfg {
   }
 };
 
-// The tile of each head dim (the table above). Host and device read it.
-template <int D>
-struct AttnTile;
-template <>
-struct AttnTile<64> {
-  static constexpr int kBQ = 128, kBK = 64, kWarps = 4, kStages = 1, kMinBlocks = 3;
-  static constexpr bool kQInRegs = false;
-};
-template <>
-struct AttnTile<96> {
-  static constexpr int kBQ = 128, kBK = 64, kWarps = 4, kStages = 1, kMinBlocks = 2;
-  static constexpr bool kQInRegs = false;
-};
-template <>
-struct AttnTile<128> {
-  static constexpr int kBQ = 128, kBK = 64, kWarps = 4, kStages = 1, kMinBlocks = 2;
-  static constexpr bool kQInRegs = false;
-};
-template <>
-struct AttnTile<256> {
-  static constexpr int kBQ = 128, kBK = 64, kWarps = 8, kStages = 1, kMinBlocks = 1;
-  static constexpr bool kQInRegs = false;
-};
-template <int D, int STAGES = AttnTile<D>::kStages>
-using AttnCfgFor = AttnCfg<D, AttnTile<D>::kBQ, AttnTile<D>::kBK, AttnTile<D>::kWarps, STAGES,
-                           AttnTile<D>::kQInRegs, AttnTile<D>::kMinBlocks>;
-
-// ---------------------------------------------------------------------------
-// Parameters: one plain struct, passed by value. Strides in elements.
-// ---------------------------------------------------------------------------
-struct AttnParams {
-  const void *q;                  // [B, Hq, Lq, D]   16-bit
-  const void *k;                  // [B, Hkv, Lk, D]  16-bit
-  const void *v;                  // [B, Hkv, Lk, D]  16-bit
-  void *out;                      // [B, Hq, Lq, D]   16-bit
-  const uint8_t *mask;            // [B, Hq, nq, nk]  bool/uint8
-  const uint8_t *kpad;            // [B, Lk] bool/uint8, or null
-  const float *pv;                // [Hq] lambda, or null (PV skip off)
-  float *lse;                     // [B, Hq, Lq], or null
-  unsigned long long *stats;      // [B, Hq, 4] int64 (zeroed before the launch), or null
-  int64_t q_sb, q_sh, q_sl;
-  int64_t k_sb, k_sh, k_sl;
-  int64_t v_sb, v_sh, v_sl;
-  int64_t o_sb, o_sh, o_sl;
-  int64_t m_sb, m_sh, m_si, m_sj;
-  int64_t kp_sb, kp_sl;
-  int64_t pv_s;
-  int64_t lse_sb, lse_sh, lse_sl;
-  int64_t st_sb, st_sh, st_si;
-  // Sizes. The host guarantees nq * B * Hq <= INT_MAX and Lq, Lk <= INT_MAX - 1024,
-  // so every row, key and block index below fits in 32 bits.
-  int32_t B, Hq, rep;             // rep = Hq / Hkv
-  int32_t Lq, Lk;
-  int32_t causal_off;             // causal: row r sees keys c <= r + causal_off (0 or Lk - Lq)
-  int32_t nq, nk;
-  int32_t causal;                 // 0/1
-  float scale_log2;               // scale * log2(e)
-};
+// The configuration of head dim D with the tile of csrc/tile_config.h.
+template <int D, int STAGES = AttnTileSm80<D>::kStages>
+using AttnCfgFor = AttnCfg<D, AttnTileSm80<D>::kBQ, AttnTileSm80<D>::kBK, AttnTileSm80<D>::kWarps, STAGES,
+                           AttnTileSm80<D>::kQInRegs, AttnTileSm80<D>::kMinBlocks>;
 
 // ---------------------------------------------------------------------------
 // Per-warp slot in shared memory and the kept-block cursor
@@ -746,7 +648,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
 // memory limit once per device. Returns the launch error, if any.
 template <typename T, class C>
 cudaError_t launch_cfg(const AttnParams &p, unsigned grid, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_set[kMaxDevices];  // races only repeat the attribute call
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -762,27 +663,13 @@ cudaError_t launch_cfg(const AttnParams &p, unsigned grid, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-// Head dim D with the tile of the table.
+// Head dim D with the tile of csrc/tile_config.h. Instantiated once each in
+// csrc/cuda/inst/attn_sm80_d<D>_<dtype>.cu (list: inst/generate.py), declared
+// extern by the registry (cuda/registry.cu) that holds their addresses.
 template <typename T, int D>
-cudaError_t launch_attn(const AttnParams &p, unsigned grid, cudaStream_t stream) {
+cudaError_t launch_attn_sm80(const AttnParams &p, unsigned grid, cudaStream_t stream) {
   return launch_cfg<T, AttnCfgFor<D>>(p, grid, stream);
 }
-
-#define SPARGE_ATTN_SM80_INSTANCES(X) \
-  X(__half, 64)                       \
-  X(__half, 96)                       \
-  X(__half, 128)                      \
-  X(__half, 256)                      \
-  X(__nv_bfloat16, 64)                \
-  X(__nv_bfloat16, 96)                \
-  X(__nv_bfloat16, 128)               \
-  X(__nv_bfloat16, 256)
-
-// Instantiated once each in csrc/cuda/inst/*.cu; nowhere else.
-#define SPARGE_ATTN_SM80_EXTERN(T, D) \
-  extern template cudaError_t launch_attn<T, D>(const AttnParams &, unsigned, cudaStream_t);
-SPARGE_ATTN_SM80_INSTANCES(SPARGE_ATTN_SM80_EXTERN)
-#undef SPARGE_ATTN_SM80_EXTERN
 
 }  // namespace sparge_cuda
 

@@ -7,7 +7,7 @@
 
 #include <cstdio>
 
-#include "../internal.h"
+#include "host.h"
 
 namespace {
 
@@ -19,16 +19,13 @@ __global__ void probe_kernel(int *out_arch) {
 #endif
 }
 
+using sparge_cuda::cuda_error;
+using sparge_cuda::kMaxDevices;
+
 // Per-device cache of the probe (0 = not probed, 1 = ok, 2 = failed). Races
 // between threads only repeat the probe.
-constexpr int kMaxDevices = 64;
 int g_probe_state[kMaxDevices];
 char g_probe_error[kMaxDevices][256];
-
-sparge_status_t cuda_error(cudaError_t err, const char *what) {
-  return sparge_set_error(SPARGE_ERROR_CUDA, "%s: %s (%s)", what, cudaGetErrorName(err),
-                          cudaGetErrorString(err));
-}
 
 }  // namespace
 
@@ -52,12 +49,14 @@ extern "C" sparge_status_t sparge_cuda_device_supported(int32_t device_id) {
   if (device_id < kMaxDevices && g_probe_state[device_id] == 0) {
     // Ask the runtime whether this build holds an image of probe_kernel that
     // the device can run: no allocation, no launch, no synchronization.
-    int prev = 0;
-    cudaGetDevice(&prev);
-    cudaSetDevice(device_id);
     cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, probe_kernel);
-    cudaSetDevice(prev);
+    cudaError_t e;
+    {
+      sparge_cuda::DeviceGuard guard;
+      err = guard.enter(device_id);
+      if (err != cudaSuccess) return cuda_error(err, "cudaSetDevice");
+      e = cudaFuncGetAttributes(&attr, probe_kernel);
+    }
     if (e != cudaSuccess) {
       cudaGetLastError();
       snprintf(g_probe_error[device_id], sizeof g_probe_error[device_id],

@@ -56,7 +56,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../internal.h"
+#include "host.h"
 
 namespace {
 
@@ -892,6 +892,12 @@ __global__ void __launch_bounds__(kSelThreads, 2) select_kernel(const SelParams 
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
+using sparge_cuda::cuda_error;
+using sparge_cuda::device_info;
+using sparge_cuda::DeviceGuard;
+using sparge_cuda::DeviceInfo;
+using sparge_cuda::launch_kernel;
+
 struct WsLayout {
   size_t qbar, qsim, kbuf, km, ksim, total;
 };
@@ -911,11 +917,6 @@ WsLayout ws_layout(const sparge_dims_t *d) {
   return l;
 }
 
-sparge_status_t cuda_fail(cudaError_t err, const char *what) {
-  return sparge_set_error(SPARGE_ERROR_CUDA, "predict: %s: %s (%s)", what, cudaGetErrorName(err),
-                          cudaGetErrorString(err));
-}
-
 int pow2ceil(int x) {
   int p = 1;
   while (p < x) p <<= 1;
@@ -928,31 +929,13 @@ int log2i(int x) {
   return l;
 }
 
-// A launch on st; a programmatic dependent one (PDL, sm90+) when pdl is set.
-template <typename... Args>
-cudaError_t launch(void (*kfn)(Args...), dim3 blocks, unsigned threads, size_t smem, cudaStream_t st, bool pdl,
-                   Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = blocks;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t err = cudaLaunchKernelEx(&cfg, kfn, args...);
-  if (err == cudaSuccess) err = cudaGetLastError();
-  return err;
-}
-
 template <int DT, int VEC, int CH>
 sparge_status_t launch_pool(const PoolParams &pp, int phase, int64_t blocks, cudaStream_t st, bool pdl) {
   const size_t smem = pool_smem_bytes<CH, VEC>();
-  const cudaError_t err = launch(pool_kernel<DT, VEC, CH>, (unsigned)blocks, kPoolThreads, smem, st,
-                                 pdl && phase == 1, pp, phase);
-  if (err != cudaSuccess) return cuda_fail(err, phase == 0 ? "pooling launch" : "smoothed K pooling launch");
+  const cudaError_t err = launch_kernel(pool_kernel<DT, VEC, CH>, (unsigned)blocks, kPoolThreads, smem, st,
+                                        pdl && phase == 1, pp, phase);
+  if (err != cudaSuccess)
+    return cuda_error(err, phase == 0 ? "predict: pooling launch" : "predict: smoothed K pooling launch");
   return SPARGE_SUCCESS;
 }
 
@@ -1002,10 +985,10 @@ sparge_status_t launch_select(SelParams sp, int64_t BH, cudaStream_t st, size_t 
   if (C::smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kfn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem);
-    if (err != cudaSuccess) return cuda_fail(err, "cudaFuncSetAttribute (selection)");
+    if (err != cudaSuccess) return cuda_error(err, "predict: cudaFuncSetAttribute (selection)");
   }
-  const cudaError_t err = launch(kfn, (unsigned)blocks, kSelThreads, C::smem, st, pdl, sp);
-  if (err != cudaSuccess) return cuda_fail(err, "selection launch");
+  const cudaError_t err = launch_kernel(kfn, (unsigned)blocks, kSelThreads, C::smem, st, pdl, sp);
+  if (err != cudaSuccess) return cuda_error(err, "predict: selection launch");
   return SPARGE_SUCCESS;
 }
 
@@ -1082,15 +1065,14 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
     return sparge_set_error(SPARGE_ERROR_NOT_SUPPORTED, "predict: %lld blocks exceed the grid limit",
                             (long long)(n_qjobs + n_kjobs));
 
-  int dev = 0, smem_optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaGetDevice");
-  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
-  int cc_major = 0;
-  err = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err != cudaSuccess) return cuda_fail(err, "cudaDeviceGetAttribute");
-  const bool pdl = cc_major >= 9;
+  // Same device contract as sparge_cuda_attn: launch on the tensors' device.
+  DeviceGuard guard;
+  cudaError_t err = guard.enter(q->device_id);
+  if (err != cudaSuccess) return cuda_error(err, "predict: cudaSetDevice");
+  DeviceInfo info;
+  sparge_status_t s = device_info(q->device_id, &info);
+  if (s != SPARGE_SUCCESS) return s;
+  const bool pdl = info.cc >= 90;
 
   const WsLayout lay = ws_layout(d);
   char *ws = (char *)workspace;
@@ -1110,11 +1092,11 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   pp.tpr = tpr; pp.log_tpr = log2i(tpr);
   pp.qbar = qbar; pp.qsim = qsim; pp.kbuf = kbuf; pp.ksim = ksim; pp.km = km;
 
-  sparge_status_t s = launch_pool_any(dt, vec, ch, pp, 0, n_qjobs + n_kjobs, st, pdl);
+  s = launch_pool_any(dt, vec, ch, pp, 0, n_qjobs + n_kjobs, st, pdl);
   if (s != SPARGE_SUCCESS) return s;
-  err = launch(km_kernel, dim3((unsigned)(B * Hkv), (unsigned)((Dp + 31) / 32)), kKmThreads, 0, st, pdl,
-               (const float *)kbuf, km, nk, Dp, (float)d->Lk);
-  if (err != cudaSuccess) return cuda_fail(err, "mean-of-K launch");
+  err = launch_kernel(km_kernel, dim3((unsigned)(B * Hkv), (unsigned)((Dp + 31) / 32)), kKmThreads, 0, st, pdl,
+                      (const float *)kbuf, km, nk, Dp, (float)d->Lk);
+  if (err != cudaSuccess) return cuda_error(err, "predict: mean-of-K launch");
   s = launch_pool_any(dt, vec, ch, pp, 1, n_kjobs, st, pdl);
   if (s != SPARGE_SUCCESS) return s;
 
@@ -1133,7 +1115,7 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   sp.scale = p->scale;
 
   const int64_t BH = B * Hq;
-  const size_t smem_max = (size_t)smem_optin;
+  const size_t smem_max = (size_t)info.smem_optin;
   const int npow = pow2ceil((int)nk);
   if (npow <= 32) return launch_select<2, 1, false>(sp, BH, st, smem_max, pdl);
   if (npow <= 64) return launch_select<2, 2, false>(sp, BH, st, smem_max, pdl);
