@@ -101,7 +101,39 @@ struct AttnTileSm80<256> {
 // ---------------------------------------------------------------------------
 // CUDA, sm90 kernel family (csrc/cuda/attn_sm90.cuh: wgmma + TMA, sm90a only)
 // ---------------------------------------------------------------------------
-// Its table, reasons and AttnTileSm90<D> go here when the kernel lands.
+//   D    BQ   BK  tile N  warpgroups       stages  smem bytes  regs (entry /
+//                 (pair)  (1 producer +     (pairs)             producer /
+//                          2 consumers)                         consumer)
+//   64   128  64   128         3              6       214,312   168 / 40 / 232
+//   128  128  64   128         3              3       230,552   168 / 40 / 232
+// Why (benchmarks/NOTES.md, "Hopper kernel", H200 lab runs):
+//  - BQ x BK = 128 x 64, the sm80 shape: the mask keeps SpargeAttn's 64-key
+//    resolution (BK = 128 raised the demo's density from 0.225 to 0.357 at
+//    equal thresholds, see the sm80 notes), and prediction is shared with
+//    the sm80 kernel unchanged.
+//  - The tensor cores still see 128-key tiles: the producer packs any two
+//    kept 64-key blocks into one stage (m64n128 Q.K^T, k = 128 P.V). BK = 64
+//    tiles ran at 516 dense TFLOPS, pairs at 550 (D = 128, L = 32k).
+//  - 2 consumer warpgroups x 64 rows, 1 CTA per SM (setmaxnreg 40 / 232):
+//    the O accumulator (64 x D fp32), the score tile (64 x 128 fp32) and P
+//    (64 x 128 16-bit) of a warpgroup take ~160 registers per thread.
+//  - Stages: as many 128-key pairs as fit 227 KB; the intra-warpgroup
+//    pipeline holds one stage while the next is computed, so 2 starve the
+//    producer (measured 424 vs 554 TFLOPS at BK = 128). D = 64: 6 stages
+//    were 6 % faster than 4.
+//  - pv_group = 64: a PV-skip decision is one vote over a consumer
+//    warpgroup; skipped blocks still enter the P.V wgmmas with P = 0 (no
+//    branch around wgmmas: ptxas serializes them otherwise).
+template <int D>
+struct AttnTileSm90;
+template <>
+struct AttnTileSm90<64> {
+  static constexpr int kStages = 6;
+};
+template <>
+struct AttnTileSm90<128> {
+  static constexpr int kStages = 3;
+};
 #endif /* __cplusplus */
 
 #endif /* SPARGE_TILE_CONFIG_H_ */

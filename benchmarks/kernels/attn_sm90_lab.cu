@@ -2,7 +2,7 @@
 // checks it against an fp64 CPU reference and against the sm80 kernel on the
 // same inputs and mask, then times both on the benchmark shapes.
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a \
-//        -Ibenchmarks/kernels/shim -Icsrc/include -Icsrc benchmarks/kernels/attn_sm90_lab.cu -o lab
+//        -Icsrc/include -Icsrc benchmarks/kernels/attn_sm90_lab.cu -o lab
 //   ./lab check | ./lab time
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,9 +19,9 @@
 #include "cuda/attn_sm90.cuh"
 
 namespace sparge_cuda {
-template cudaError_t launch_attn<__nv_bfloat16, 64>(const AttnParams &, unsigned, cudaStream_t);
-template cudaError_t launch_attn<__nv_bfloat16, 128>(const AttnParams &, unsigned, cudaStream_t);
-template cudaError_t launch_attn<__half, 128>(const AttnParams &, unsigned, cudaStream_t);
+template cudaError_t launch_attn_sm80<__nv_bfloat16, 64>(const AttnParams &, unsigned, cudaStream_t);
+template cudaError_t launch_attn_sm80<__nv_bfloat16, 128>(const AttnParams &, unsigned, cudaStream_t);
+template cudaError_t launch_attn_sm80<__half, 128>(const AttnParams &, unsigned, cudaStream_t);
 }  // namespace sparge_cuda
 
 using namespace sparge_cuda;
@@ -218,7 +218,7 @@ static bool check_one(const Problem &P0, bool with_ref) {
   const bool cmp80 = C::kBK == 64 && (C::kD == 64 || C::kD == 128);
   if (cmp80) {
     AttnParams a80 = make_params(P, u, u.do80, u.dlse80, u.dst80);
-    CK(launch_attn<T, C::kD>(a80, grid, 0));
+    CK(launch_attn_sm80<T, C::kD>(a80, grid, 0));
   }
   CK(cudaDeviceSynchronize());
   const size_t n = (size_t)P.B * P.Hq * P.Lq * P.D;
@@ -352,7 +352,7 @@ static void time_shape(int H, int L, double dens, int causal, bool with80) {
   float t80 = NAN;
   if (with80 && C::kBK == 64) {
     AttnParams a80 = make_params(P, u, u.do80, u.dlse80, nullptr);
-    t80 = time_ms([&] { CK(launch_attn<T, C::kD>(a80, grid, 0)); });
+    t80 = time_ms([&] { CK(launch_attn_sm80<T, C::kD>(a80, grid, 0)); });
   }
   printf("time D=%3d BK=%3d S=%d H=%2d L=%6d causal=%d dens=%.2f  sm90 %8.3f ms (%5.0f dense-eq TFLOPS)  sm80 %8.3f ms "
          "(%5.0f)\n",

@@ -47,9 +47,11 @@
 #include <atomic>
 #include <type_traits>
 
+#include "../tile_config.h"
 #include "attn_params.h"
 #include "common.cuh"
 #include "common_sm90.cuh"
+#include "host.h"
 
 namespace sparge_cuda {
 
@@ -535,8 +537,7 @@ cudaError_t launch_sm90_cfg(const AttnParams &p, unsigned grid, cudaStream_t str
       !sm90::make_tensor_map(&tk, p.k, kBf16, p.B, Hkv, p.Lk, C::kD, p.k_sb, p.k_sh, p.k_sl, C::kBK) ||
       !sm90::make_tensor_map(&tv, p.v, kBf16, p.B, Hkv, p.Lk, C::kD, p.v_sb, p.v_sh, p.v_sl, C::kBK))
     return cudaErrorNotSupported;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> smem_set[kMaxDevices];
+  static std::atomic<bool> smem_set[kMaxDevices];  // races only repeat the attribute call
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -548,6 +549,15 @@ cudaError_t launch_sm90_cfg(const AttnParams &p, unsigned grid, cudaStream_t str
   }
   attn_sm90_kernel<T, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tq, tk, tv);
   return cudaGetLastError();
+}
+
+template <int D>
+using Sm90CfgFor = Sm90Cfg<D, AttnTileSm90<D>::kStages>;
+
+// Head dim D with the tile of the table (csrc/tile_config.h).
+template <typename T, int D>
+cudaError_t launch_attn_sm90(const AttnParams &p, unsigned grid, cudaStream_t stream) {
+  return launch_sm90_cfg<T, Sm90CfgFor<D>>(p, grid, stream);
 }
 
 }  // namespace sparge_cuda

@@ -7,9 +7,13 @@
 #include "registry.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "attn_sm80.cuh"
 #include "host.h"
+#ifdef SPARGE_CUDA_SM90
+#include "attn_sm90.cuh"
+#endif
 
 namespace sparge_cuda {
 
@@ -30,10 +34,22 @@ constexpr AttnKernel sm80_row(int dtype, int precision) {
 }
 
 // ---- sm90 family: attn_sm90.cuh (wgmma + TMA), sm_90a only ----
-// Goes here: its include, and its extern declarations and row builder over
-// inst/attn_sm90.inc, all inside #ifdef SPARGE_CUDA_SM90 (setup.py defines it
-// when the sm_90a units are built; without it the sm90 rows are absent and
-// sm90 devices run the sm80 rows).
+// Present when setup.py built the sm_90a units (SPARGE_CUDA_SM90); without
+// them sm90 devices run the sm80 rows.
+#ifdef SPARGE_CUDA_SM90
+#define SPARGE_ATTN_SM90(T, DTYPE, PRECISION, D, DV) \
+  extern template cudaError_t launch_attn_sm90<T, D>(const AttnParams &, unsigned, cudaStream_t);
+#include "inst/attn_sm90.inc"
+#undef SPARGE_ATTN_SM90
+
+template <typename T, int D, int DV>
+constexpr AttnKernel sm90_row(int dtype, int precision) {
+  static_assert(D == DV, "the sm90 kernel needs equal head dims");
+  using C = Sm90CfgFor<D>;
+  return AttnKernel{/*arch=*/90, precision, dtype, D, D, C::kBQ, C::kBK, /*pv_group=*/C::kWM, C::kSmemBytes,
+                    &launch_attn_sm90<T, D>};
+}
+#endif
 
 namespace {
 
@@ -42,14 +58,32 @@ const AttnKernel kKernels[] = {
 #define SPARGE_ATTN_SM80(T, DTYPE, PRECISION, D, DV) sm80_row<T, D, DV>(DTYPE, PRECISION),
 #include "inst/attn_sm80.inc"
 #undef SPARGE_ATTN_SM80
-    // sm90 rows: #include "inst/attn_sm90.inc" here, under #ifdef SPARGE_CUDA_SM90.
+#ifdef SPARGE_CUDA_SM90
+#define SPARGE_ATTN_SM90(T, DTYPE, PRECISION, D, DV) sm90_row<T, D, DV>(DTYPE, PRECISION),
+#include "inst/attn_sm90.inc"
+#undef SPARGE_ATTN_SM90
+#endif
 };
 constexpr int kNumKernels = (int)(sizeof kKernels / sizeof kKernels[0]);
+
+// SPARGE_CUDA_MAX_ARCH (environment, e.g. "80"): rows of a higher arch are
+// not used, so the sm80 kernel can be pinned on an sm90 device (the test
+// suite runs once per family this way). Read at every lookup; Python caches
+// block shapes per process, so set it before the first call.
+int max_arch_allowed() {
+  const char *e = getenv("SPARGE_CUDA_MAX_ARCH");
+  if (e == nullptr || *e == '\0') return 1 << 30;
+  const int v = atoi(e);
+  return v > 0 ? v : 1 << 30;
+}
 
 // Whether a device of compute capability cc (major * 10 + minor) can run k:
 // plain sm_80 code runs on every later device (through the build's image for
 // it); sm_90a code (wgmma, setmaxnreg) on sm_90 alone.
-bool runs_on(const AttnKernel &k, int cc) { return k.arch == 90 ? cc == 90 : cc >= k.arch; }
+bool runs_on(const AttnKernel &k, int cc) {
+  if (k.arch > max_arch_allowed()) return false;
+  return k.arch == 90 ? cc == 90 : cc >= k.arch;
+}
 
 const char *precision_name(int32_t precision) {
   switch (precision) {

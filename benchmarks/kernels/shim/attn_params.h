@@ -1,2 +1,0 @@
-// Lab shim: AttnParams from the sm80 header until csrc/cuda/attn_params.h exists.
-#include "cuda/attn_sm80.cuh"
