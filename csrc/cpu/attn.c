@@ -37,6 +37,7 @@
 #include <omp.h>
 #endif
 
+#include "../geometry.h"
 #include "cpu_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
@@ -472,10 +473,10 @@ static int attn_scratch_alloc(const attn_ctx_t *c, attn_scratch_t *w) {
 static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t h, int64_t qi,
                       int64_t stats[SPARGE_NUM_STATS]) {
   const sparge_dims_t *d = c->d;
-  const int64_t Lq = d->Lq, Lk = d->Lk, D = d->D, Dv = d->Dv, nk = d->nk;
+  const int64_t Lq = d->Lq, Lk = d->Lk, D = d->D, Dv = d->Dv;
   const int64_t BQ = c->BQ, BK = c->BK, G = c->G, Dvp = c->Dvp;
   const int64_t r0 = qi * BQ;
-  const int64_t nr = attn_min64(BQ, Lq - r0);
+  const int64_t nr = sparge_block_len(qi, BQ, Lq);
   const int64_t nrp = attn_round_up(nr, ATTN_NR);
   /* Row strides of the scratch tiles are an odd number of cache lines so that
    * walking a column does not keep hitting the same L1 sets. */
@@ -516,14 +517,9 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
 
   /* ---- causal geometry: row r sees keys c <= min(r0 + r + off, Lk - 1) ---- */
   const int causal = c->causal != SPARGE_CAUSAL_NONE;
-  const int64_t off = c->causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
-  int64_t n_allowed = nk;
-  int64_t cmax_first = Lk - 1;
-  if (causal) {
-    const int64_t cmax_last = attn_min64(r0 + nr - 1 + off, Lk - 1);
-    cmax_first = attn_min64(r0 + off, Lk - 1);
-    n_allowed = cmax_last < 0 ? 0 : attn_min64(nk, cmax_last / BK + 1);
-  }
+  const int64_t off = sparge_causal_offset(c->causal, Lq, Lk);
+  const int64_t n_allowed =
+      sparge_allowed_blocks(sparge_last_visible_key(causal, r0 + nr - 1, off, Lk), BK);
 
   const int pv_on = c->pv != NULL;
   const float lam = pv_on ? sparge_head_param(c->pv, h) : 0.0f;
@@ -541,7 +537,7 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
     ++kept;
     units += ngroups;
     const int64_t c0 = j * BK;
-    const int64_t nkv = attn_min64(BK, Lk - c0);
+    const int64_t nkv = sparge_block_len(j, BK, Lk);
 
     /* ---- K and V of the block as fp32 rows ---- */
     const float *Kp;
@@ -568,10 +564,10 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
 #endif
 
     /* ---- exact masking ---- */
-    if (causal && cmax_first < c0 + nkv - 1) {
-      /* key c0+x is seen by rows r >= c0 + x - r0 - off */
+    if (causal && sparge_causal_block_partial(r0, off, c0 + nkv - 1)) {
+      /* rows before the first row that sees key c0+x (tile-relative) */
       for (int64_t x = 0; x < nkv; ++x) {
-        int64_t rf = attn_max64(0, attn_min64(nr, c0 + x - r0 - off));
+        int64_t rf = attn_max64(0, attn_min64(nr, sparge_first_row_seeing(c0 + x, off) - r0));
         float *srow = st + x * lds;
         for (int64_t r = 0; r < rf; ++r) srow[r] = NEG_INF;
       }
@@ -701,7 +697,7 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
       int64_t jn = j + 1;
       while (jn < n_allowed && !sparge_mask_at(c->mask, b, h, qi, jn)) ++jn;
       if (jn < n_allowed)
-        attn_pf_init(&pf, kbase + jn * BK * ks * esz, attn_min64(BK, Lk - jn * BK), D * esz, ks * esz);
+        attn_pf_init(&pf, kbase + jn * BK * ks * esz, sparge_block_len(jn, BK, Lk), D * esz, ks * esz);
       else
         attn_pf_init(&pf, NULL, 0, 0, 0);
     }

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../geometry.h"
 #include "cpu_common.h"
 
 #define PREDICT_EPS 1e-6f
@@ -210,8 +211,8 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
   const int64_t nq = d->nq, nk = d->nk;
   const int64_t BQ = p->block_q, BK = p->block_k;
   const int64_t group = Hq / Hkv;
-  const int causal = p->causal;
-  const int64_t coff = causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
+  const int causal = p->causal != SPARGE_CAUSAL_NONE;
+  const int64_t coff = sparge_causal_offset(p->causal, Lq, Lk);
   const float scale = p->scale;
   const int topk = p->select_mode == SPARGE_SELECT_TOPK;
   const int sink = p->attention_sink != 0;
@@ -256,7 +257,7 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
       if (!scratch) continue;
       const int64_t j = idx % nk, bg = idx / nk;
       const int64_t b = bg / Hkv, g = bg % Hkv;
-      const int64_t c0 = j * BK, c1 = c0 + BK < Lk ? c0 + BK : Lk;
+      const int64_t c0 = j * BK, c1 = c0 + sparge_block_len(j, BK, Lk);
       float *sum = kpool + idx * D;
       for (int64_t c = 0; c < D; ++c) sum[c] = 0.f;
       for (int64_t r = c0; r < c1; ++r) add_f32(sum, row_f32(k, b, g, r, D, xrow), D);
@@ -282,7 +283,7 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
       if (!scratch) continue;
       const int64_t j = idx % nk, bg = idx / nk;
       const int64_t b = bg / Hkv, g = bg % Hkv;
-      const int64_t c0 = j * BK, c1 = c0 + BK < Lk ? c0 + BK : Lk;
+      const int64_t c0 = j * BK, c1 = c0 + sparge_block_len(j, BK, Lk);
       const float *km = km_all + bg * D;
       for (int64_t c = 0; c < D; ++c) s[c] = u[c] = 0.f;
       for (int64_t r = c0; r < c1; ++r)
@@ -314,25 +315,11 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
       const float *kp = kpool + bg * nk * D;
       const float *ks = ksim + bg * nk;
 
-      /* Causal extent of q-block i: k-blocks 0..jmax are allowed; the
-       * diagonal blocks are jd0..jd1 (rows that see no key add none). */
-      const int64_t r0 = i * BQ, r1 = (r0 + BQ < Lq ? r0 + BQ : Lq) - 1;
-      int64_t jmax = nk - 1, jd0 = 0, jd1 = -1;
-      if (causal != SPARGE_CAUSAL_NONE) {
-        int64_t elast = r1 + coff;
-        if (elast > Lk - 1) elast = Lk - 1;
-        if (elast < 0) {
-          jmax = -1;
-        } else {
-          int64_t efirst = r0 + coff;
-          if (efirst < 0) efirst = 0;
-          if (efirst > Lk - 1) efirst = Lk - 1;
-          jmax = elast / BK;
-          jd0 = efirst / BK;
-          jd1 = jmax;
-        }
-      }
-      const int64_t n_allowed = jmax + 1;
+      /* Causal extent of q-block i (rows r0..r1): k-blocks 0..n_allowed-1
+       * are allowed; the diagonal blocks are jd0..n_allowed-1 (causal only). */
+      const int64_t r0 = i * BQ, r1 = r0 + sparge_block_len(i, BQ, Lq) - 1;
+      const int64_t n_allowed = sparge_allowed_blocks(sparge_last_visible_key(causal, r1, coff, Lk), BK);
+      const int64_t jd0 = sparge_diagonal_first(sparge_last_visible_key(causal, r0, coff, Lk), BK);
 
       memset(mrow, 0, (size_t)nk);
       if (n_allowed > 0) {
@@ -408,7 +395,8 @@ sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t
             if (!(ks[j] > theta)) mrow[j] = 1;
         }
         /* Force: causal diagonal blocks and the attention sink. */
-        for (int64_t j = jd0; j <= jd1; ++j) mrow[j] = 1;
+        if (causal)
+          for (int64_t j = jd0; j < n_allowed; ++j) mrow[j] = 1;
         if (sink) mrow[0] = 1;
       }
 
