@@ -6,27 +6,38 @@
  * threads (dynamic schedule, heaviest causal q-blocks first); every thread owns
  * a 64-byte aligned scratch area allocated once inside the parallel region.
  *
- * Per task everything is fp32:
- *   - Q of the q-block is loaded once, multiplied by scale*log2(e) and stored
- *     transposed and packed in panels of 16 rows, qt[nrp/16][D][16] (nrp = rows
- *     rounded up to 16, zero padded), so that the score tile comes out
- *     transposed too: st[key][row]. With this layout K and V are read
- *     row-wise: fp32 K is used in place (any row stride), fp16/bf16 K is
- *     converted into a per-block tile; V is always copied / converted into a
- *     per-block tile with a padded row stride. The V block and the next K
- *     block are prefetched a few lines per register tile.
- *   - For each kept, causally allowed k-block j (ascending):
- *       st = K_j . qt                (6 keys x 16 rows register tile, FMA)
- *       exact masking (causal diagonal, key padding; sequence end is implicit:
- *       only the block's real keys are computed)
- *       rowmax, m_new, PV-skip decision per row group of pv_group rows
- *       p = exp2(s - m_new), row sums        (vectorized exp2, -inf -> 0)
- *       acc = acc * exp2(m - m_new) + P.V    (6 rows x 16 columns register tile)
- *   - out = acc / l (0 for rows that see no key), lse = (m + log2 l) ln 2.
+ * Per task everything is fp32; attn_task runs these phases (one static
+ * function each, force-inlined):
+ *   attn_load_q        Q of the q-block, loaded once, multiplied by
+ *                      scale*log2(e) and stored transposed and packed in
+ *                      panels of 16 rows, qt[nrp/16][D][16] (nrp = rows
+ *                      rounded up to 16, zero padded), so that the score tile
+ *                      comes out transposed too: st[key][row]. With this
+ *                      layout K and V are read row-wise.
+ *   for each kept, causally allowed k-block j (ascending):
+ *     attn_load_k        fp32 K in place (any row stride), fp16/bf16 K
+ *                        converted into a per-block tile
+ *     attn_scores        st = K_j . qt  (6 keys x 16 rows register tile, FMA),
+ *                        prefetching V
+ *     attn_mask          exact masking (causal boundary, key padding; the
+ *                        sequence end is implicit: only the block's real keys
+ *                        are computed)
+ *     attn_softmax_max   rowmax, m_new, alpha = exp2(m - m_new)
+ *     attn_pv_skip       PV-skip decision per row group of pv_group rows
+ *     attn_softmax_exp   p = exp2(s - m_new), row sums (vectorized exp2,
+ *                        -inf -> 0)
+ *     attn_softmax_sums  l = l * alpha + row sum; skipped rows rescaled
+ *     attn_load_v        V copied / converted into a per-block tile with a
+ *                        padded row stride
+ *     attn_pv            acc = acc * alpha + P.V (6 rows x 16 columns register
+ *                        tile), prefetching the next kept K block
+ *   attn_finalize      out = acc / l (0 for rows that see no key),
+ *                      lse = (m + log2 l) ln 2; the task's stats.
  *
  * The AVX2+FMA path (GCC/Clang with -mavx2 -mfma, e.g. -march=native on x86)
- * uses intrinsics for the micro-kernels; every other build uses the portable C
- * path below, which follows the same algorithm step by step.
+ * uses intrinsics for the micro-kernels and the softmax phases; every other
+ * build uses the portable C path of each phase, which follows the same
+ * algorithm step by step.
  */
 #include <math.h>
 #include <stdint.h>
@@ -37,6 +48,7 @@
 #include <omp.h>
 #endif
 
+#include "../geometry.h"
 #include "cpu_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
@@ -467,38 +479,56 @@ static int attn_scratch_alloc(const attn_ctx_t *c, attn_scratch_t *w) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* One (b, h, q-block) task                                                 */
+/* One (b, h, q-block) task, phase by phase                                 */
 /* ------------------------------------------------------------------------ */
-static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t h, int64_t qi,
-                      int64_t stats[SPARGE_NUM_STATS]) {
+/* The geometry of one task, fixed for all its k-blocks. */
+typedef struct attn_tile {
+  int64_t b, h, qi;
+  int64_t r0, nr, nrp; /* first query row, valid rows, rows rounded up to 16 */
+  int64_t lds, lda;    /* row strides of st and acc / vc */
+  int causal;
+  int64_t off;         /* causal offset: row r sees keys c <= r + off */
+  int64_t n_allowed;   /* causally allowed k-blocks [0, n_allowed) */
+  int64_t ngroups;     /* PV-skip row groups */
+  const char *kbase, *vbase; /* K / V rows of kv-head g */
+  int64_t esz, ks, vs; /* element size, K / V row strides (elements) */
+} attn_tile_t;
+
+static void attn_tile_init(const attn_ctx_t *c, int64_t b, int64_t h, int64_t qi, attn_tile_t *t) {
   const sparge_dims_t *d = c->d;
-  const int64_t Lq = d->Lq, Lk = d->Lk, D = d->D, Dv = d->Dv, nk = d->nk;
-  const int64_t BQ = c->BQ, BK = c->BK, G = c->G, Dvp = c->Dvp;
-  const int64_t r0 = qi * BQ;
-  const int64_t nr = attn_min64(BQ, Lq - r0);
-  const int64_t nrp = attn_round_up(nr, ATTN_NR);
+  const int64_t Lq = d->Lq, Lk = d->Lk;
+  const int64_t g = h / c->rep;
+  t->b = b;
+  t->h = h;
+  t->qi = qi;
+  t->r0 = qi * c->BQ;
+  t->nr = sparge_block_len(qi, c->BQ, Lq);
+  t->nrp = attn_round_up(t->nr, ATTN_NR);
   /* Row strides of the scratch tiles are an odd number of cache lines so that
    * walking a column does not keep hitting the same L1 sets. */
-  const int64_t lds = attn_odd_lines(nrp), lda = attn_odd_lines(Dvp);
-  const int64_t g = h / c->rep;
-  const float NEG_INF = -INFINITY;
+  t->lds = attn_odd_lines(t->nrp);
+  t->lda = attn_odd_lines(c->Dvp);
+  /* causal geometry: row r sees keys c <= min(r0 + r + off, Lk - 1) */
+  t->causal = c->causal != SPARGE_CAUSAL_NONE;
+  t->off = sparge_causal_offset(c->causal, Lq, Lk);
+  t->n_allowed = sparge_allowed_blocks(sparge_last_visible_key(t->causal, t->r0 + t->nr - 1, t->off, Lk), c->BK);
+  t->ngroups = (t->nr + c->G - 1) / c->G;
+  t->kbase = sparge_elem_ptr(c->k, b, g, 0, 0);
+  t->vbase = sparge_elem_ptr(c->v, b, g, 0, 0);
+  t->esz = (int64_t)sparge_dtype_size(c->dtype);
+  t->ks = c->k->strides[2];
+  t->vs = c->v->strides[2];
+}
 
+/* Load: Q^T of the q-block, pre-scaled into the log2 domain, in 16-row
+ * panels, rows nr..nrp-1 zero; then the running state (m = -inf, l = 0, no
+ * skip, acc = 0). */
+ATTN_INLINE void attn_load_q(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t) {
+  const int64_t D = c->d->D, nr = t->nr, nrp = t->nrp;
   float *ATTN_RESTRICT qt = w->qt;
-  float *ATTN_RESTRICT st = w->st;
-  float *ATTN_RESTRICT acc = w->acc;
-  float *ATTN_RESTRICT m = w->m;
-  float *ATTN_RESTRICT mnew = w->mnew;
-  float *ATTN_RESTRICT rmax = w->rmax;
-  float *ATTN_RESTRICT alpha = w->alpha;
-  float *ATTN_RESTRICT muse = w->muse;
-  float *ATTN_RESTRICT rsum = w->rsum;
-  float *ATTN_RESTRICT l = w->l;
   float *ATTN_RESTRICT tmp = w->tmp;
-  uint8_t *ATTN_RESTRICT skip = w->skip;
-
-  /* ---- Q^T, pre-scaled into the log2 domain ---- */
   for (int64_t r = 0; r < nr; ++r) {
-    attn_load_row(tmp, sparge_elem_ptr(c->q, b, h, r0 + r, 0), c->dtype, D, c->qmul);
+    attn_load_row(tmp, sparge_elem_ptr(c->q, t->b, t->h, t->r0 + r, 0), c->dtype, D, c->qmul);
     float *qp = qt + (r / ATTN_NR) * ATTN_NR * D + r % ATTN_NR;
     for (int64_t x = 0; x < D; ++x) qp[x * ATTN_NR] = tmp[x];
   }
@@ -508,245 +538,317 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
   }
 
   for (int64_t r = 0; r < nrp; ++r) {
-    m[r] = NEG_INF;
-    l[r] = 0.0f;
-    skip[r] = 0;
+    w->m[r] = -INFINITY;
+    w->l[r] = 0.0f;
+    w->skip[r] = 0;
   }
-  memset(acc, 0, (size_t)(nr * lda) * sizeof(float));
+  memset(w->acc, 0, (size_t)(nr * t->lda) * sizeof(float));
+}
 
-  /* ---- causal geometry: row r sees keys c <= min(r0 + r + off, Lk - 1) ---- */
-  const int causal = c->causal != SPARGE_CAUSAL_NONE;
-  const int64_t off = c->causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
-  int64_t n_allowed = nk;
-  int64_t cmax_first = Lk - 1;
-  if (causal) {
-    const int64_t cmax_last = attn_min64(r0 + nr - 1 + off, Lk - 1);
-    cmax_first = attn_min64(r0 + off, Lk - 1);
-    n_allowed = cmax_last < 0 ? 0 : attn_min64(nk, cmax_last / BK + 1);
+/* Load: K of the block (keys c0..c0+nkv-1) as fp32 rows: fp32 K in place
+ * (any row stride), fp16/bf16 converted into kc. Sets *ldk. */
+ATTN_INLINE const float *attn_load_k(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t,
+                                     int64_t c0, int64_t nkv, int64_t *ldk) {
+  const int64_t D = c->d->D;
+  if (c->k_direct) {
+    *ldk = t->ks;
+    return (const float *)(t->kbase + c0 * t->ks * t->esz);
   }
+  for (int64_t x = 0; x < nkv; ++x)
+    attn_load_row(w->kc + x * D, t->kbase + (c0 + x) * t->ks * t->esz, c->dtype, D, 1.0f);
+  *ldk = D;
+  return w->kc;
+}
 
-  const int pv_on = c->pv != NULL;
-  const float lam = pv_on ? sparge_head_param(c->pv, h) : 0.0f;
-  const int64_t ngroups = (nr + G - 1) / G;
-  int64_t kept = 0, units = 0, skipped = 0;
-  int first = 1;
+/* Load: V of the block into vc (padded row stride lda). V is always copied:
+ * measured faster than reading it in place (a power-of-two row stride maps a
+ * 16-column stripe onto few L1 sets). */
+ATTN_INLINE void attn_load_v(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t c0,
+                             int64_t nkv) {
+  for (int64_t x = 0; x < nkv; ++x)
+    attn_load_row(w->vc + x * t->lda, t->vbase + (c0 + x) * t->vs * t->esz, c->dtype, c->d->Dv, 1.0f);
+}
 
-  const char *kbase = sparge_elem_ptr(c->k, b, g, 0, 0);
-  const char *vbase = sparge_elem_ptr(c->v, b, g, 0, 0);
-  const int64_t esz = (int64_t)sparge_dtype_size(c->dtype);
-  const int64_t ks = c->k->strides[2], vs = c->v->strides[2];
-
-  for (int64_t j = 0; j < n_allowed; ++j) {
-    if (!sparge_mask_at(c->mask, b, h, qi, j)) continue;
-    ++kept;
-    units += ngroups;
-    const int64_t c0 = j * BK;
-    const int64_t nkv = attn_min64(BK, Lk - c0);
-
-    /* ---- K and V of the block as fp32 rows ---- */
-    const float *Kp;
-    int64_t ldk;
-    if (c->k_direct) {
-      Kp = (const float *)(kbase + c0 * ks * esz);
-      ldk = ks;
-    } else {
-      for (int64_t x = 0; x < nkv; ++x)
-        attn_load_row(w->kc + x * D, kbase + (c0 + x) * ks * esz, c->dtype, D, 1.0f);
-      Kp = w->kc;
-      ldk = D;
-    }
-    attn_pf_t pf;
-    attn_pf_init(&pf, vbase + c0 * vs * esz, nkv, Dv * esz, vs * esz);
-
-    /* ---- S^T = K . Q^T ---- */
+/* Scores: S^T = K . Q^T (st[key][row]), prefetching the block's V a few lines
+ * per register tile. */
+ATTN_INLINE void attn_scores(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, const float *Kp,
+                             int64_t ldk, int64_t c0, int64_t nkv) {
+  attn_pf_t pf;
+  attn_pf_init(&pf, t->vbase + c0 * t->vs * t->esz, nkv, c->d->Dv * t->esz, t->vs * t->esz);
 #if ATTN_AVX2
-    attn_qk_avx(nkv, nrp, D, Kp, ldk, qt, st, lds, &pf);
-    attn_pf_finish(&pf);
+  attn_qk_avx(nkv, t->nrp, c->d->D, Kp, ldk, w->qt, w->st, t->lds, &pf);
+  attn_pf_finish(&pf);
 #else
-    attn_pf_finish(&pf);
-    attn_qk_portable(nkv, nrp, D, Kp, ldk, qt, st, lds);
+  attn_pf_finish(&pf);
+  attn_qk_portable(nkv, t->nrp, c->d->D, Kp, ldk, w->qt, w->st, t->lds);
 #endif
+}
 
-    /* ---- exact masking ---- */
-    if (causal && cmax_first < c0 + nkv - 1) {
-      /* key c0+x is seen by rows r >= c0 + x - r0 - off */
-      for (int64_t x = 0; x < nkv; ++x) {
-        int64_t rf = attn_max64(0, attn_min64(nr, c0 + x - r0 - off));
-        float *srow = st + x * lds;
-        for (int64_t r = 0; r < rf; ++r) srow[r] = NEG_INF;
-      }
-    }
-    if (c->kpad) {
-      for (int64_t x = 0; x < nkv; ++x) {
-        if (!sparge_mask_at(c->kpad, b, c0 + x, 0, 0)) {
-          float *srow = st + x * lds;
-          for (int64_t r = 0; r < nrp; ++r) srow[r] = NEG_INF;
-        }
-      }
-    }
-
-    /* ---- row max over the block, new running max ---- */
-#if ATTN_AVX2
-    for (int64_t r = 0; r < nrp; r += 8) {
-      __m256 mx0 = _mm256_set1_ps(NEG_INF), mx1 = mx0;
-      int64_t x = 0;
-      for (; x + 2 <= nkv; x += 2) {
-        mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
-        mx1 = _mm256_max_ps(mx1, _mm256_load_ps(st + (x + 1) * lds + r));
-      }
-      if (x < nkv) mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
-      mx0 = _mm256_max_ps(mx0, mx1);
-      _mm256_store_ps(rmax + r, mx0);
-    }
-#else
-    for (int64_t r = 0; r < nrp; ++r) rmax[r] = NEG_INF;
+/* Masking: -inf where a row does not see a key: the causal boundary (only on
+ * blocks that cross it) and key padding. The sequence end is implicit: only
+ * the block's real keys are computed. */
+ATTN_INLINE void attn_mask(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t c0,
+                           int64_t nkv) {
+  const int64_t nr = t->nr, nrp = t->nrp, lds = t->lds;
+  float *ATTN_RESTRICT st = w->st;
+  if (t->causal && sparge_causal_block_partial(t->r0, t->off, c0 + nkv - 1)) {
+    /* rows before the first row that sees key c0+x (tile-relative) */
     for (int64_t x = 0; x < nkv; ++x) {
-      const float *srow = st + x * lds;
-      for (int64_t r = 0; r < nrp; ++r) rmax[r] = srow[r] > rmax[r] ? srow[r] : rmax[r];
-    }
-#endif
-    for (int64_t r = 0; r < nrp; ++r) {
-      const float mn = rmax[r] > m[r] ? rmax[r] : m[r];
-      mnew[r] = mn;
-      const int none = mn == NEG_INF;
-      muse[r] = none ? 0.0f : mn;
-      alpha[r] = none ? 1.0f : m[r] - mn; /* exponent; exp2 below */
-    }
-#if ATTN_AVX2
-    for (int64_t r = 0; r < nrp; r += 8) {
-      __m256 e = _mm256_load_ps(alpha + r);
-      __m256 none = _mm256_cmp_ps(_mm256_load_ps(mnew + r), _mm256_set1_ps(NEG_INF), _CMP_EQ_OQ);
-      _mm256_store_ps(alpha + r, _mm256_blendv_ps(attn_exp2_avx(e), _mm256_set1_ps(1.0f), none));
-    }
-#else
-    for (int64_t r = 0; r < nrp; ++r)
-      alpha[r] = mnew[r] == NEG_INF ? 1.0f : attn_exp2_scalar(alpha[r]);
-#endif
-
-    /* ---- PV-skip decisions per row group ---- */
-    int any_skip = 0;
-    int64_t nskip = 0;
-    if (pv_on && !first) {
-      for (int64_t g0 = 0; g0 < nr; g0 += G) {
-        const int64_t g1 = attn_min64(nr, g0 + G);
-        int agree = 1;
-        for (int64_t r = g0; r < g1; ++r)
-          if (!(rmax[r] <= mnew[r] - lam)) { agree = 0; break; }
-        for (int64_t r = g0; r < g1; ++r) skip[r] = (uint8_t)agree;
-        if (agree) { ++nskip; any_skip = 1; }
-      }
-    }
-
-    skipped += nskip;
-    const int all_skip = nskip == ngroups;
-
-    /* ---- P = exp2(S - m_new), row sums ---- */
-#if ATTN_AVX2
-    for (int64_t r = 0; r < nr; r += 8) {
-      if (any_skip) {
-        int all = 1;
-        for (int64_t t = r; t < attn_min64(nr, r + 8); ++t) all &= skip[t];
-        if (all) continue;
-      }
-      const __m256 mu = _mm256_load_ps(muse + r);
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-      int64_t x = 0;
-      for (; x + 2 <= nkv; x += 2) {
-        float *p0 = st + x * lds + r, *p1 = p0 + lds;
-        __m256 e0 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p0), mu));
-        __m256 e1 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p1), mu));
-        _mm256_store_ps(p0, e0);
-        _mm256_store_ps(p1, e1);
-        s0 = _mm256_add_ps(s0, e0);
-        s1 = _mm256_add_ps(s1, e1);
-      }
-      if (x < nkv) {
-        float *p0 = st + x * lds + r;
-        __m256 e0 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p0), mu));
-        _mm256_store_ps(p0, e0);
-        s0 = _mm256_add_ps(s0, e0);
-      }
-      _mm256_store_ps(rsum + r, _mm256_add_ps(s0, s1));
-    }
-#else
-    for (int64_t r = 0; r < nr; ++r) rsum[r] = 0.0f;
-    for (int64_t x = 0; x < nkv; ++x) {
+      int64_t rf = attn_max64(0, attn_min64(nr, sparge_first_row_seeing(c0 + x, t->off) - t->r0));
       float *srow = st + x * lds;
-      for (int64_t r = 0; r < nr; ++r) {
-        if (skip[r]) continue;
-        const float p = attn_exp2_scalar(srow[r] - muse[r]);
-        srow[r] = p;
-        rsum[r] += p;
-      }
+      for (int64_t r = 0; r < rf; ++r) srow[r] = -INFINITY;
     }
-#endif
-
-    /* ---- running sums, skipped rows' rescale ---- */
-    for (int64_t r = 0; r < nr; ++r) {
-      if (skip[r]) {
-        const float al = alpha[r];
-        l[r] *= al;
-        if (al != 1.0f) {
-          float *a = acc + r * lda;
-          for (int64_t x = 0; x < Dv; ++x) a[x] *= al;
-        }
-      } else {
-        l[r] = l[r] * alpha[r] + rsum[r];
-      }
-      m[r] = mnew[r];
-    }
-
-    /* Next kept block's K: prefetched a few lines per P.V register tile. */
-    {
-      int64_t jn = j + 1;
-      while (jn < n_allowed && !sparge_mask_at(c->mask, b, h, qi, jn)) ++jn;
-      if (jn < n_allowed)
-        attn_pf_init(&pf, kbase + jn * BK * ks * esz, attn_min64(BK, Lk - jn * BK), D * esz, ks * esz);
-      else
-        attn_pf_init(&pf, NULL, 0, 0, 0);
-    }
-    /* V is always copied: measured faster than reading it in place (a
-     * power-of-two row stride maps a 16-column stripe onto few L1 sets). */
-    if (!all_skip)
-      for (int64_t x = 0; x < nkv; ++x)
-        attn_load_row(w->vc + x * lda, vbase + (c0 + x) * vs * esz, c->dtype, Dv, 1.0f);
-    const float *Vp = w->vc;
-    const int64_t ldv = lda;
-    /* ---- acc = acc * alpha + P . V over runs of rows that are not skipped ---- */
-    for (int64_t ra = 0; ra < nr;) {
-      if (skip[ra]) { ++ra; continue; }
-      int64_t rb = ra + 1;
-      while (rb < nr && !skip[rb]) ++rb;
-#if ATTN_AVX2
-      attn_pv_avx(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha, &pf);
-#else
-      attn_pf_finish(&pf);
-      attn_pv_portable(ra, rb, nkv, Dvp, st, lds, Vp, ldv, acc, lda, alpha, Dv);
-#endif
-      ra = rb;
-    }
-    attn_pf_finish(&pf);
-    if (any_skip) memset(skip, 0, (size_t)nr);
-    first = 0;
   }
+  if (c->kpad) {
+    for (int64_t x = 0; x < nkv; ++x) {
+      if (!sparge_mask_at(c->kpad, t->b, c0 + x, 0, 0)) {
+        float *srow = st + x * lds;
+        for (int64_t r = 0; r < nrp; ++r) srow[r] = -INFINITY;
+      }
+    }
+  }
+}
 
-  /* ---- output rows and lse ---- */
+/* Online softmax, step 1: the block's row max rmax, the new running max mnew,
+ * the max used in the exponent muse (0 while a row has seen nothing) and the
+ * rescale factor alpha = exp2(m - mnew) (1 while a row has seen nothing). */
+ATTN_INLINE void attn_softmax_max(attn_scratch_t *w, const attn_tile_t *t, int64_t nkv) {
+  const int64_t nrp = t->nrp, lds = t->lds;
+  const float NEG_INF = -INFINITY;
+  const float *ATTN_RESTRICT st = w->st;
+  float *ATTN_RESTRICT m = w->m;
+  float *ATTN_RESTRICT mnew = w->mnew;
+  float *ATTN_RESTRICT rmax = w->rmax;
+  float *ATTN_RESTRICT alpha = w->alpha;
+  float *ATTN_RESTRICT muse = w->muse;
+#if ATTN_AVX2
+  for (int64_t r = 0; r < nrp; r += 8) {
+    __m256 mx0 = _mm256_set1_ps(NEG_INF), mx1 = mx0;
+    int64_t x = 0;
+    for (; x + 2 <= nkv; x += 2) {
+      mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
+      mx1 = _mm256_max_ps(mx1, _mm256_load_ps(st + (x + 1) * lds + r));
+    }
+    if (x < nkv) mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
+    mx0 = _mm256_max_ps(mx0, mx1);
+    _mm256_store_ps(rmax + r, mx0);
+  }
+#else
+  for (int64_t r = 0; r < nrp; ++r) rmax[r] = NEG_INF;
+  for (int64_t x = 0; x < nkv; ++x) {
+    const float *srow = st + x * lds;
+    for (int64_t r = 0; r < nrp; ++r) rmax[r] = srow[r] > rmax[r] ? srow[r] : rmax[r];
+  }
+#endif
+  for (int64_t r = 0; r < nrp; ++r) {
+    const float mn = rmax[r] > m[r] ? rmax[r] : m[r];
+    mnew[r] = mn;
+    const int none = mn == NEG_INF;
+    muse[r] = none ? 0.0f : mn;
+    alpha[r] = none ? 1.0f : m[r] - mn; /* exponent; exp2 below */
+  }
+#if ATTN_AVX2
+  for (int64_t r = 0; r < nrp; r += 8) {
+    __m256 e = _mm256_load_ps(alpha + r);
+    __m256 none = _mm256_cmp_ps(_mm256_load_ps(mnew + r), _mm256_set1_ps(NEG_INF), _CMP_EQ_OQ);
+    _mm256_store_ps(alpha + r, _mm256_blendv_ps(attn_exp2_avx(e), _mm256_set1_ps(1.0f), none));
+  }
+#else
+  for (int64_t r = 0; r < nrp; ++r)
+    alpha[r] = mnew[r] == NEG_INF ? 1.0f : attn_exp2_scalar(alpha[r]);
+#endif
+}
+
+/* PV-skip decision (not on a task's first kept block): a group of G rows
+ * skips P.V when every row's block max is at least lam below its new running
+ * max. Marks skip[] and returns the number of skipping groups. */
+ATTN_INLINE int64_t attn_pv_skip(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, float lam) {
+  const int64_t nr = t->nr, G = c->G;
+  const float *ATTN_RESTRICT rmax = w->rmax;
+  const float *ATTN_RESTRICT mnew = w->mnew;
+  uint8_t *ATTN_RESTRICT skip = w->skip;
+  int64_t nskip = 0;
+  for (int64_t g0 = 0; g0 < nr; g0 += G) {
+    const int64_t g1 = attn_min64(nr, g0 + G);
+    int agree = 1;
+    for (int64_t r = g0; r < g1; ++r)
+      if (!(rmax[r] <= mnew[r] - lam)) { agree = 0; break; }
+    for (int64_t r = g0; r < g1; ++r) skip[r] = (uint8_t)agree;
+    if (agree) ++nskip;
+  }
+  return nskip;
+}
+
+/* Online softmax, step 2: P = exp2(S - muse) in place of the scores and the
+ * block's row sums rsum, for rows that do not skip (the AVX2 path skips only
+ * 8-row runs that skip entirely; the others' values are not read). */
+ATTN_INLINE void attn_softmax_exp(attn_scratch_t *w, const attn_tile_t *t, int64_t nkv, int any_skip) {
+  const int64_t nr = t->nr, lds = t->lds;
+  float *ATTN_RESTRICT st = w->st;
+  const float *ATTN_RESTRICT muse = w->muse;
+  float *ATTN_RESTRICT rsum = w->rsum;
+  const uint8_t *ATTN_RESTRICT skip = w->skip;
+#if ATTN_AVX2
+  for (int64_t r = 0; r < nr; r += 8) {
+    if (any_skip) {
+      int all = 1;
+      for (int64_t x = r; x < attn_min64(nr, r + 8); ++x) all &= skip[x];
+      if (all) continue;
+    }
+    const __m256 mu = _mm256_load_ps(muse + r);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t x = 0;
+    for (; x + 2 <= nkv; x += 2) {
+      float *p0 = st + x * lds + r, *p1 = p0 + lds;
+      __m256 e0 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p0), mu));
+      __m256 e1 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p1), mu));
+      _mm256_store_ps(p0, e0);
+      _mm256_store_ps(p1, e1);
+      s0 = _mm256_add_ps(s0, e0);
+      s1 = _mm256_add_ps(s1, e1);
+    }
+    if (x < nkv) {
+      float *p0 = st + x * lds + r;
+      __m256 e0 = attn_exp2_avx(_mm256_sub_ps(_mm256_load_ps(p0), mu));
+      _mm256_store_ps(p0, e0);
+      s0 = _mm256_add_ps(s0, e0);
+    }
+    _mm256_store_ps(rsum + r, _mm256_add_ps(s0, s1));
+  }
+#else
+  (void)any_skip;
+  for (int64_t r = 0; r < nr; ++r) rsum[r] = 0.0f;
+  for (int64_t x = 0; x < nkv; ++x) {
+    float *srow = st + x * lds;
+    for (int64_t r = 0; r < nr; ++r) {
+      if (skip[r]) continue;
+      const float p = attn_exp2_scalar(srow[r] - muse[r]);
+      srow[r] = p;
+      rsum[r] += p;
+    }
+  }
+#endif
+}
+
+/* Online softmax, step 3: running sums l = l * alpha + rsum and m = mnew;
+ * skipped rows add nothing but are rescaled (l and acc by alpha). */
+ATTN_INLINE void attn_softmax_sums(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t) {
+  const int64_t nr = t->nr, lda = t->lda, Dv = c->d->Dv;
+  float *ATTN_RESTRICT acc = w->acc;
+  float *ATTN_RESTRICT m = w->m;
+  float *ATTN_RESTRICT l = w->l;
+  const float *ATTN_RESTRICT mnew = w->mnew;
+  const float *ATTN_RESTRICT alpha = w->alpha;
+  const float *ATTN_RESTRICT rsum = w->rsum;
+  const uint8_t *ATTN_RESTRICT skip = w->skip;
   for (int64_t r = 0; r < nr; ++r) {
-    const float lr = l[r];
-    const float *a = acc + r * lda;
+    if (skip[r]) {
+      const float al = alpha[r];
+      l[r] *= al;
+      if (al != 1.0f) {
+        float *a = acc + r * lda;
+        for (int64_t x = 0; x < Dv; ++x) a[x] *= al;
+      }
+    } else {
+      l[r] = l[r] * alpha[r] + rsum[r];
+    }
+    m[r] = mnew[r];
+  }
+}
+
+/* The next kept block's K (after j), prefetched a few lines per P.V
+ * register tile; an empty cursor when there is none. */
+ATTN_INLINE void attn_prefetch_next_k(const attn_ctx_t *c, const attn_tile_t *t, int64_t j, attn_pf_t *pf) {
+  const int64_t BK = c->BK;
+  int64_t jn = j + 1;
+  while (jn < t->n_allowed && !sparge_mask_at(c->mask, t->b, t->h, t->qi, jn)) ++jn;
+  if (jn < t->n_allowed)
+    attn_pf_init(pf, t->kbase + jn * BK * t->ks * t->esz, sparge_block_len(jn, BK, c->d->Lk),
+                 c->d->D * t->esz, t->ks * t->esz);
+  else
+    attn_pf_init(pf, NULL, 0, 0, 0);
+}
+
+/* P.V: acc = acc * alpha + P . V over the runs of rows that do not skip. */
+ATTN_INLINE void attn_pv(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t nkv,
+                         attn_pf_t *pf) {
+  const int64_t nr = t->nr;
+  const uint8_t *ATTN_RESTRICT skip = w->skip;
+  for (int64_t ra = 0; ra < nr;) {
+    if (skip[ra]) { ++ra; continue; }
+    int64_t rb = ra + 1;
+    while (rb < nr && !skip[rb]) ++rb;
+#if ATTN_AVX2
+    attn_pv_avx(ra, rb, nkv, c->Dvp, w->st, t->lds, w->vc, t->lda, w->acc, t->lda, w->alpha, pf);
+#else
+    attn_pf_finish(pf);
+    attn_pv_portable(ra, rb, nkv, c->Dvp, w->st, t->lds, w->vc, t->lda, w->acc, t->lda, w->alpha, c->d->Dv);
+#endif
+    ra = rb;
+  }
+  attn_pf_finish(pf);
+}
+
+/* Finalize: out = acc / l (0 for rows that see no key), lse = (m + log2 l) ln 2
+ * (-inf for those rows). */
+ATTN_INLINE void attn_finalize(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t) {
+  const int64_t Dv = c->d->Dv, lda = t->lda;
+  float *ATTN_RESTRICT tmp = w->tmp;
+  for (int64_t r = 0; r < t->nr; ++r) {
+    const float lr = w->l[r];
+    const float *a = w->acc + r * lda;
     if (lr > 0.0f) {
       for (int64_t x = 0; x < Dv; ++x) tmp[x] = a[x] / lr;
     } else {
       for (int64_t x = 0; x < Dv; ++x) tmp[x] = 0.0f;
     }
-    attn_store_row(sparge_elem_ptr(c->out, b, h, r0 + r, 0), tmp, c->dtype, Dv);
+    attn_store_row(sparge_elem_ptr(c->out, t->b, t->h, t->r0 + r, 0), tmp, c->dtype, Dv);
     if (c->lse) {
-      float v = lr > 0.0f ? (m[r] + log2f(lr)) * SPARGE_LN2 : NEG_INF;
-      *(float *)sparge_elem_ptr(c->lse, b, h, r0 + r, 0) = v;
+      float v = lr > 0.0f ? (w->m[r] + log2f(lr)) * SPARGE_LN2 : -INFINITY;
+      *(float *)sparge_elem_ptr(c->lse, t->b, t->h, t->r0 + r, 0) = v;
     }
   }
+}
 
-  stats[SPARGE_STAT_BLOCKS_ALLOWED] = n_allowed;
+static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t h, int64_t qi,
+                      int64_t stats[SPARGE_NUM_STATS]) {
+  attn_tile_t t;
+  attn_tile_init(c, b, h, qi, &t);
+  const int64_t BK = c->BK;
+  const int pv_on = c->pv != NULL;
+  const float lam = pv_on ? sparge_head_param(c->pv, h) : 0.0f;
+  int64_t kept = 0, units = 0, skipped = 0;
+  int first = 1;
+
+  attn_load_q(c, w, &t);
+  for (int64_t j = 0; j < t.n_allowed; ++j) {
+    if (!sparge_mask_at(c->mask, b, h, qi, j)) continue;
+    ++kept;
+    units += t.ngroups;
+    const int64_t c0 = j * BK;
+    const int64_t nkv = sparge_block_len(j, BK, c->d->Lk);
+
+    int64_t ldk;
+    const float *Kp = attn_load_k(c, w, &t, c0, nkv, &ldk);
+    attn_scores(c, w, &t, Kp, ldk, c0, nkv);
+    attn_mask(c, w, &t, c0, nkv);
+    attn_softmax_max(w, &t, nkv);
+    const int64_t nskip = pv_on && !first ? attn_pv_skip(c, w, &t, lam) : 0;
+    const int any_skip = nskip > 0;
+    skipped += nskip;
+    attn_softmax_exp(w, &t, nkv, any_skip);
+    attn_softmax_sums(c, w, &t);
+
+    attn_pf_t pf;
+    attn_prefetch_next_k(c, &t, j, &pf);
+    if (nskip < t.ngroups) attn_load_v(c, w, &t, c0, nkv);
+    attn_pv(c, w, &t, nkv, &pf);
+    if (any_skip) memset(w->skip, 0, (size_t)t.nr);
+    first = 0;
+  }
+  attn_finalize(c, w, &t);
+
+  stats[SPARGE_STAT_BLOCKS_ALLOWED] = t.n_allowed;
   stats[SPARGE_STAT_BLOCKS_KEPT] = kept;
   stats[SPARGE_STAT_PV_UNITS] = units;
   stats[SPARGE_STAT_PV_SKIPPED] = skipped;

@@ -2,21 +2,27 @@
  * predict.c — CPU backend of stage 1, block prediction (SPEC §1, sparge.h
  * sparge_predict). Plain C11, parallel with OpenMP when the compiler has it.
  *
- * Phases (one OpenMP parallel region, separated by the implicit barriers of
- * the work-sharing loops):
- *   A. per (b, kv-head g, k-block j): raw column sums of the block of K
- *                                     -> kpool[b,g,j,:] (temporary)
- *   B. per (b, g, channel): km = (sum over j of the block sums) / Lk
- *                                     -> km[b,g,:]
- *   C. per (b, g, j): rows of K' = K - km: pooled mean k̄_j -> kpool[b,g,j,:],
- *                     self-similarity -> ksim[b,g,j]
- *   D. per (b, q-head h, q-block i): pooled q̄_i and its similarity (Q is not
- *      smoothed), compressed scores against the shared k̄ of kv-head g,
- *      softmax, TopK / TopCdf selection, forcing, and the mask row.
- * K is read twice (A and C: smoothing needs km before rows can be
- * normalized), Q once. Everything of one (b, g) is computed once and shared by
- * the Hq/Hkv q-heads that read it (GQA). All results are independent of the
- * thread count: every sum has a fixed order.
+ * Phases, one static function each, all inside one OpenMP parallel region
+ * (each k-side phase is a work-sharing loop; its implicit barrier separates it
+ * from the next):
+ *   smooth K    predict_k_block_sums  per (b, kv-head g, k-block j): raw column
+ *                                     sums of the block -> kpool (temporary)
+ *               predict_k_mean        per (b, g, channel): km = (sum over j of
+ *                                     the block sums) / Lk -> km[b,g,:]
+ *   pool + sim  predict_k_pool        per (b, g, j): rows of K' = K - km:
+ *                                     pooled k̄_j -> kpool, similarity -> ksim
+ *   mask rows   predict_row           per (b, q-head h, q-block i), see below:
+ *     predict_q_pool     pooled q̄_i and its similarity (Q is not smoothed)
+ *     predict_scores     compressed scores against the shared k̄ of kv-head g,
+ *                        softmax, sort keys
+ *     predict_select_*   TopK / TopCdf over the sorted candidates
+ *     predict_force      fix q-block / fix k-blocks, causal diagonal, sink
+ * There is no SIMD split: the loops are written in 8-lane chunks (LANES8)
+ * that the compiler vectorizes.
+ * K is read twice (block sums, then pooling: smoothing needs km before rows
+ * can be normalized), Q once. Everything of one (b, g) is computed once and
+ * shared by the Hq/Hkv q-heads that read it (GQA). All results are
+ * independent of the thread count: every sum has a fixed order.
  *
  * Workspace: km [B,Hkv,D], kpool [B,Hkv,nk,D], ksim [B,Hkv,nk], all fp32,
  * each region 64-byte aligned. Per-thread row scratch (O(D + nk)) is
@@ -27,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../geometry.h"
 #include "cpu_common.h"
 
 #define PREDICT_EPS 1e-6f
@@ -201,231 +208,335 @@ static inline uint64_t sel_key(float prob, int64_t j) {
   return ((uint64_t)(~bits) << 32) | (uint64_t)(uint32_t)j;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Context and per-thread scratch                                           */
+/* ------------------------------------------------------------------------ */
+/* What every phase reads, resolved once per call. */
+typedef struct predict_ctx {
+  const sparge_tensor_t *q, *k, *sim_threshold, *select_param, *out_mask;
+  int64_t B, Hq, Hkv, Lq, Lk, D, nq, nk, BQ, BK, group, coff;
+  int causal, topk, sink;
+  float scale;
+  float *km;    /* [B,Hkv,D]      workspace */
+  float *kpool; /* [B,Hkv,nk,D]   workspace: block sums, then pooled k̄ */
+  float *ksim;  /* [B,Hkv,nk]     workspace */
+} predict_ctx_t;
+
+/* Per-thread scratch: xrow, s, u, xs (D floats each) | S / P (nk floats) |
+ * sort keys + tmp (2*nk uint64) | mask row (nk bytes), one malloc. */
+typedef struct predict_scratch {
+  char *base;
+  float *xrow, *s, *u, *xs;
+  float *S;
+  uint64_t *keys, *ktmp;
+  uint8_t *mrow;
+} predict_scratch_t;
+
+static size_t predict_scratch_bytes(int64_t D, int64_t nk, size_t off[4]) {
+  off[0] = align64((size_t)4 * (size_t)D * sizeof(float));          /* S */
+  off[1] = off[0] + align64((size_t)nk * sizeof(float));             /* keys */
+  off[2] = off[1] + align64((size_t)nk * sizeof(uint64_t));          /* ktmp */
+  off[3] = off[2] + align64((size_t)nk * sizeof(uint64_t));          /* mrow */
+  return off[3] + align64((size_t)nk);
+}
+
+/* 0 (base NULL) when malloc fails. */
+static int predict_scratch_alloc(const predict_ctx_t *c, predict_scratch_t *t) {
+  size_t off[4];
+  const size_t bytes = predict_scratch_bytes(c->D, c->nk, off);
+  memset(t, 0, sizeof(*t));
+  t->base = (char *)malloc(bytes);
+  if (!t->base) return 0;
+  t->xrow = (float *)t->base;
+  t->s = t->xrow + c->D;
+  t->u = t->xrow + 2 * c->D;
+  t->xs = t->xrow + 3 * c->D;
+  t->S = (float *)(t->base + off[0]);
+  t->keys = (uint64_t *)(t->base + off[1]);
+  t->ktmp = (uint64_t *)(t->base + off[2]);
+  t->mrow = (uint8_t *)(t->base + off[3]);
+  return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Phases. Each k-side phase is an OpenMP work-sharing loop (orphaned: it    */
+/* binds to the caller's parallel region, and every thread must call it);   */
+/* its implicit barrier separates it from the next phase.                   */
+/* ------------------------------------------------------------------------ */
+/* Smooth K, part 1: raw column sums of each block of K -> kpool (temporary).
+ * A thread without scratch (malloc failed) skips its items; the call fails. */
+static void predict_k_block_sums(const predict_ctx_t *c, const predict_scratch_t *t) {
+  const int64_t Hkv = c->Hkv, nk = c->nk, D = c->D, BK = c->BK;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+  for (int64_t idx = 0; idx < c->B * Hkv * nk; ++idx) {
+    if (!t->base) continue;
+    const int64_t j = idx % nk, bg = idx / nk;
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    const int64_t c0 = j * BK, c1 = c0 + sparge_block_len(j, BK, c->Lk);
+    float *sum = c->kpool + idx * D;
+    for (int64_t x = 0; x < D; ++x) sum[x] = 0.f;
+    for (int64_t r = c0; r < c1; ++r) add_f32(sum, row_f32(c->k, b, g, r, D, t->xrow), D);
+  }
+}
+
+/* Smooth K, part 2: km = mean of K over the sequence, the sum of the block
+ * sums in k-block order (softmax is invariant to subtracting it). */
+static void predict_k_mean(const predict_ctx_t *c) {
+  const int64_t nk = c->nk, D = c->D;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+  for (int64_t idx = 0; idx < c->B * c->Hkv * D; ++idx) {
+    const int64_t x = idx % D, bg = idx / D;
+    const float *blk = c->kpool + bg * nk * D + x;
+    float acc = 0.f;
+    for (int64_t j = 0; j < nk; ++j) acc += blk[j * D];
+    c->km[idx] = acc / (float)c->Lk;
+  }
+}
+
+/* Pool + self-similarity of the k-blocks of K' = K - km: pooled mean k̄_j
+ * -> kpool (over the block sums), similarity -> ksim. */
+static void predict_k_pool(const predict_ctx_t *c, const predict_scratch_t *t) {
+  const int64_t Hkv = c->Hkv, nk = c->nk, D = c->D, BK = c->BK;
+  float *s = t->s, *u = t->u;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+  for (int64_t idx = 0; idx < c->B * Hkv * nk; ++idx) {
+    if (!t->base) continue;
+    const int64_t j = idx % nk, bg = idx / nk;
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    const int64_t c0 = j * BK, c1 = c0 + sparge_block_len(j, BK, c->Lk);
+    const float *km = c->km + bg * D;
+    for (int64_t x = 0; x < D; ++x) s[x] = u[x] = 0.f;
+    for (int64_t r = c0; r < c1; ++r)
+      accumulate_row(row_f32(c->k, b, g, r, D, t->xrow), km, t->xs, s, u, D);
+    const int64_t n = c1 - c0;
+    float *pool = c->kpool + idx * D;
+    for (int64_t x = 0; x < D; ++x) pool[x] = s[x] / (float)n;
+    c->ksim[idx] = block_sim(u, D, n);
+  }
+}
+
+/* Pool + self-similarity of q-block rows r0..r1 (Q is not smoothed): leaves
+ * the pooled q̄ in t->s and returns whether the q-block is fix (its
+ * similarity is not above theta). */
+static int predict_q_pool(const predict_ctx_t *c, const predict_scratch_t *t, int64_t b, int64_t h,
+                          int64_t r0, int64_t r1, float theta) {
+  const int64_t D = c->D;
+  float *s = t->s, *u = t->u;
+  for (int64_t x = 0; x < D; ++x) s[x] = u[x] = 0.f;
+  for (int64_t r = r0; r <= r1; ++r) accumulate_row(row_f32(c->q, b, h, r, D, t->xrow), NULL, t->xs, s, u, D);
+  const int64_t n = r1 - r0 + 1;
+  const int q_fix = !(block_sim(u, D, n) > theta);
+  if (!q_fix)
+    for (int64_t x = 0; x < D; ++x) s[x] = s[x] / (float)n;
+  return q_fix;
+}
+
+/* Compressed scores + softmax over the allowed k-blocks 0..n_allowed-1:
+ * S[j] = scale * q̄ . k̄_j for selective k-blocks (similarity above theta)
+ * with a finite score, softmax over those candidates (P, may underflow to 0),
+ * -1 for the others. Builds the candidates' sort keys (P descending, index
+ * ascending) and returns how many there are (0: none, nothing to select). */
+static int64_t predict_scores(const predict_ctx_t *c, const predict_scratch_t *t, const float *qbar,
+                              const float *kp, const float *ks, float theta, int64_t n_allowed) {
+  const int64_t D = c->D;
+  float *S = t->S;
+  float smax = -INFINITY;
+  int64_t n_fin = 0;
+  for (int64_t j = 0; j < n_allowed; ++j) {
+    float sj = -INFINITY;
+    if (ks[j] > theta) sj = c->scale * dot_f32(qbar, kp + j * D, D);
+    if (isfinite(sj)) {
+      ++n_fin;
+      if (sj > smax) smax = sj;
+    } else {
+      sj = -INFINITY;
+    }
+    S[j] = sj;
+  }
+  if (n_fin == 0) return 0;
+
+  /* Non-candidates become -1 (P itself is never negative). */
+  float sum = 0.f;
+  for (int64_t j = 0; j < n_allowed; ++j) {
+    if (S[j] == -INFINITY) {
+      S[j] = -1.0f;
+    } else {
+      S[j] = expf(S[j] - smax);
+      sum += S[j];
+    }
+  }
+  int64_t m = 0;
+  for (int64_t j = 0; j < n_allowed; ++j) {
+    if (S[j] < 0.f) continue;
+    S[j] = S[j] / sum;
+    t->keys[m++] = sel_key(S[j], j);
+  }
+  return m;
+}
+
+/* Select, TopK: the ceil(rho * n_allowed) (at least 1, at most m) most
+ * probable of the m sorted candidates. */
+static void predict_select_topk(const uint64_t *sorted, int64_t m, int64_t n_allowed, float rho,
+                                uint8_t *mrow) {
+  const float fk = ceilf(rho * (float)n_allowed);
+  int64_t keep;
+  if (!(fk >= 1.0f)) keep = 1;
+  else if (fk >= (float)m) keep = m;
+  else keep = (int64_t)fk;
+  for (int64_t x = 0; x < keep; ++x) mrow[(uint32_t)sorted[x]] = 1;
+}
+
+/* Select, TopCdf: sorted candidates while the sum of the probabilities
+ * before them (accumulated in order) is below tau. */
+static void predict_select_topcdf(const uint64_t *sorted, int64_t m, const float *P, float tau,
+                                  uint8_t *mrow) {
+  float cum = 0.f;
+  for (int64_t x = 0; x < m; ++x) {
+    if (!(cum < tau)) break;
+    const int64_t j = (int64_t)(uint32_t)sorted[x];
+    mrow[j] = 1;
+    cum += P[j];
+  }
+}
+
+/* Force, within the allowed k-blocks 0..n_allowed-1 (n_allowed > 0): a fix
+ * q-block keeps its whole row, otherwise every fix k-block (whole column) is
+ * kept; then the causal diagonal blocks jd0..n_allowed-1 and the attention
+ * sink. */
+static void predict_force(const predict_ctx_t *c, uint8_t *mrow, const float *ks, float theta,
+                          int q_fix, int64_t n_allowed, int64_t jd0) {
+  if (q_fix) {
+    memset(mrow, 1, (size_t)n_allowed);
+  } else {
+    for (int64_t j = 0; j < n_allowed; ++j)
+      if (!(ks[j] > theta)) mrow[j] = 1;
+  }
+  if (c->causal)
+    for (int64_t j = jd0; j < n_allowed; ++j) mrow[j] = 1;
+  if (c->sink) mrow[0] = 1;
+}
+
+/* One mask row: q-block i of (b, q-head h), against the k̄ / ksim of its
+ * kv-head. */
+static void predict_row(const predict_ctx_t *c, const predict_scratch_t *t, int64_t b, int64_t h,
+                        int64_t i) {
+  const int64_t nk = c->nk, BQ = c->BQ, BK = c->BK, Lk = c->Lk;
+  const int64_t bg = b * c->Hkv + h / c->group;
+  const float theta = sparge_head_param(c->sim_threshold, h);
+  const float sel = sparge_head_param(c->select_param, h);
+  const float *kp = c->kpool + bg * nk * c->D;
+  const float *ks = c->ksim + bg * nk;
+  uint8_t *mrow = t->mrow;
+
+  /* Causal extent of q-block i (rows r0..r1): k-blocks 0..n_allowed-1 are
+   * allowed; the diagonal blocks are jd0..n_allowed-1 (causal only). */
+  const int64_t r0 = i * BQ, r1 = r0 + sparge_block_len(i, BQ, c->Lq) - 1;
+  const int64_t n_allowed = sparge_allowed_blocks(sparge_last_visible_key(c->causal, r1, c->coff, Lk), BK);
+  const int64_t jd0 = sparge_diagonal_first(sparge_last_visible_key(c->causal, r0, c->coff, Lk), BK);
+
+  memset(mrow, 0, (size_t)nk);
+  if (n_allowed > 0) {
+    const int q_fix = predict_q_pool(c, t, b, h, r0, r1, theta);
+    if (!q_fix) { /* a fix q-block keeps its whole allowed row: selection is moot */
+      const int64_t m = predict_scores(c, t, t->s, kp, ks, theta, n_allowed);
+      if (m > 0) {
+        const uint64_t *sorted = sort_keys(t->keys, t->ktmp, m);
+        if (c->topk) predict_select_topk(sorted, m, n_allowed, sel, mrow);
+        else predict_select_topcdf(sorted, m, t->S, sel, mrow);
+      }
+    }
+    predict_force(c, mrow, ks, theta, q_fix, n_allowed, jd0);
+  }
+
+  const int64_t mstride_j = c->out_mask->strides[3];
+  uint8_t *dst = (uint8_t *)sparge_elem_ptr(c->out_mask, b, h, i, 0);
+  if (mstride_j == 1) {
+    memcpy(dst, mrow, (size_t)nk);
+  } else {
+    for (int64_t j = 0; j < nk; ++j) dst[j * mstride_j] = mrow[j];
+  }
+}
+
+/* The mask rows. Causal rows differ in cost: handed out in small dynamic
+ * chunks. */
+static void predict_rows(const predict_ctx_t *c, const predict_scratch_t *t) {
+  const int64_t nq = c->nq, Hq = c->Hq;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+  for (int64_t idx = 0; idx < c->B * Hq * nq; ++idx) {
+    if (!t->base) continue;
+    const int64_t i = idx % nq, bh = idx / nq;
+    predict_row(c, t, bh / Hq, bh % Hq, i);
+  }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Entry point                                                              */
+/* ------------------------------------------------------------------------ */
 sparge_status_t sparge_cpu_predict(const sparge_dims_t *d, const sparge_tensor_t *q,
                                    const sparge_tensor_t *k, const sparge_tensor_t *sim_threshold,
                                    const sparge_tensor_t *select_param,
                                    const sparge_predict_params_t *p,
                                    const sparge_tensor_t *out_mask, void *workspace) {
-  const int64_t B = d->B, Hq = d->Hq, Hkv = d->Hkv, Lq = d->Lq, Lk = d->Lk, D = d->D;
-  const int64_t nq = d->nq, nk = d->nk;
-  const int64_t BQ = p->block_q, BK = p->block_k;
-  const int64_t group = Hq / Hkv;
-  const int causal = p->causal;
-  const int64_t coff = causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
-  const float scale = p->scale;
-  const int topk = p->select_mode == SPARGE_SELECT_TOPK;
-  const int sink = p->attention_sink != 0;
-  const int64_t mstride_j = out_mask->strides[3];
-
   const ws_layout_t lay = predict_layout(d);
-  float *km_all = (float *)((char *)workspace + lay.km);       /* [B,Hkv,D] */
-  float *kpool = (float *)((char *)workspace + lay.kpool);     /* [B,Hkv,nk,D] */
-  float *ksim = (float *)((char *)workspace + lay.ksim);       /* [B,Hkv,nk] */
-
-  /* Per-thread scratch: row, s, u, xs (4*D floats) | S / P (nk floats) |
-   * sort keys + tmp (2*nk uint64) | mask row (nk bytes). */
-  const size_t off_S = align64((size_t)4 * (size_t)D * sizeof(float));
-  const size_t off_keys = off_S + align64((size_t)nk * sizeof(float));
-  const size_t off_tmp = off_keys + align64((size_t)nk * sizeof(uint64_t));
-  const size_t off_row = off_tmp + align64((size_t)nk * sizeof(uint64_t));
-  const size_t scratch_bytes = off_row + align64((size_t)nk);
+  predict_ctx_t c;
+  memset(&c, 0, sizeof(c));
+  c.q = q;
+  c.k = k;
+  c.sim_threshold = sim_threshold;
+  c.select_param = select_param;
+  c.out_mask = out_mask;
+  c.B = d->B;
+  c.Hq = d->Hq;
+  c.Hkv = d->Hkv;
+  c.Lq = d->Lq;
+  c.Lk = d->Lk;
+  c.D = d->D;
+  c.nq = d->nq;
+  c.nk = d->nk;
+  c.BQ = p->block_q;
+  c.BK = p->block_k;
+  c.group = d->Hq / d->Hkv;
+  c.causal = p->causal != SPARGE_CAUSAL_NONE;
+  c.coff = sparge_causal_offset(p->causal, d->Lq, d->Lk);
+  c.topk = p->select_mode == SPARGE_SELECT_TOPK;
+  c.sink = p->attention_sink != 0;
+  c.scale = p->scale;
+  c.km = (float *)((char *)workspace + lay.km);
+  c.kpool = (float *)((char *)workspace + lay.kpool);
+  c.ksim = (float *)((char *)workspace + lay.ksim);
 
   int oom = 0;
-
 #ifdef _OPENMP
 #pragma omp parallel
 #endif
   {
-    char *scratch = (char *)malloc(scratch_bytes);
-    if (!scratch) {
+    predict_scratch_t t;
+    if (!predict_scratch_alloc(&c, &t)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
       oom = 1;
     }
-    float *xrow = scratch ? (float *)scratch : NULL;
-    float *s = xrow ? xrow + D : NULL;
-    float *u = xrow ? xrow + 2 * D : NULL;
-    float *xs = xrow ? xrow + 3 * D : NULL;
-
-    /* ---- A: raw block sums of K ---------------------------------------- */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t idx = 0; idx < B * Hkv * nk; ++idx) {
-      if (!scratch) continue;
-      const int64_t j = idx % nk, bg = idx / nk;
-      const int64_t b = bg / Hkv, g = bg % Hkv;
-      const int64_t c0 = j * BK, c1 = c0 + BK < Lk ? c0 + BK : Lk;
-      float *sum = kpool + idx * D;
-      for (int64_t c = 0; c < D; ++c) sum[c] = 0.f;
-      for (int64_t r = c0; r < c1; ++r) add_f32(sum, row_f32(k, b, g, r, D, xrow), D);
-    }
-
-    /* ---- B: km = mean of K over the sequence --------------------------- */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t idx = 0; idx < B * Hkv * D; ++idx) {
-      const int64_t c = idx % D, bg = idx / D;
-      const float *blk = kpool + bg * nk * D + c;
-      float acc = 0.f;
-      for (int64_t j = 0; j < nk; ++j) acc += blk[j * D];
-      km_all[idx] = acc / (float)Lk;
-    }
-
-    /* ---- C: pooled k̄_j of K' and k-block similarity -------------------- */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t idx = 0; idx < B * Hkv * nk; ++idx) {
-      if (!scratch) continue;
-      const int64_t j = idx % nk, bg = idx / nk;
-      const int64_t b = bg / Hkv, g = bg % Hkv;
-      const int64_t c0 = j * BK, c1 = c0 + BK < Lk ? c0 + BK : Lk;
-      const float *km = km_all + bg * D;
-      for (int64_t c = 0; c < D; ++c) s[c] = u[c] = 0.f;
-      for (int64_t r = c0; r < c1; ++r)
-        accumulate_row(row_f32(k, b, g, r, D, xrow), km, xs, s, u, D);
-      const int64_t n = c1 - c0;
-      float *pool = kpool + idx * D;
-      for (int64_t c = 0; c < D; ++c) pool[c] = s[c] / (float)n;
-      ksim[idx] = block_sim(u, D, n);
-    }
-
-    /* ---- D: one mask row per (b, h, i) --------------------------------- */
-    float *S = scratch ? (float *)(scratch + off_S) : NULL;
-    uint64_t *keys = scratch ? (uint64_t *)(scratch + off_keys) : NULL;
-    uint64_t *ktmp = scratch ? (uint64_t *)(scratch + off_tmp) : NULL;
-    uint8_t *mrow = scratch ? (uint8_t *)(scratch + off_row) : NULL;
-
-    /* Causal rows differ in cost: hand them out in small dynamic chunks. */
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 4)
-#endif
-    for (int64_t idx = 0; idx < B * Hq * nq; ++idx) {
-      if (!scratch) continue;
-      const int64_t i = idx % nq, bh = idx / nq;
-      const int64_t b = bh / Hq, h = bh % Hq;
-      const int64_t g = h / group;
-      const int64_t bg = b * Hkv + g;
-      const float theta = sparge_head_param(sim_threshold, h);
-      const float sel = sparge_head_param(select_param, h);
-      const float *kp = kpool + bg * nk * D;
-      const float *ks = ksim + bg * nk;
-
-      /* Causal extent of q-block i: k-blocks 0..jmax are allowed; the
-       * diagonal blocks are jd0..jd1 (rows that see no key add none). */
-      const int64_t r0 = i * BQ, r1 = (r0 + BQ < Lq ? r0 + BQ : Lq) - 1;
-      int64_t jmax = nk - 1, jd0 = 0, jd1 = -1;
-      if (causal != SPARGE_CAUSAL_NONE) {
-        int64_t elast = r1 + coff;
-        if (elast > Lk - 1) elast = Lk - 1;
-        if (elast < 0) {
-          jmax = -1;
-        } else {
-          int64_t efirst = r0 + coff;
-          if (efirst < 0) efirst = 0;
-          if (efirst > Lk - 1) efirst = Lk - 1;
-          jmax = elast / BK;
-          jd0 = efirst / BK;
-          jd1 = jmax;
-        }
-      }
-      const int64_t n_allowed = jmax + 1;
-
-      memset(mrow, 0, (size_t)nk);
-      if (n_allowed > 0) {
-        /* Pooled q̄_i and the q-block's similarity. */
-        for (int64_t c = 0; c < D; ++c) s[c] = u[c] = 0.f;
-        for (int64_t r = r0; r <= r1; ++r)
-          accumulate_row(row_f32(q, b, h, r, D, xrow), NULL, xs, s, u, D);
-        const int64_t n = r1 - r0 + 1;
-        const int q_fix = !(block_sim(u, D, n) > theta);
-
-        if (q_fix) {
-          /* A fix q-block keeps its whole allowed row; selection is moot. */
-          memset(mrow, 1, (size_t)n_allowed);
-        } else {
-          float *qbar = s;
-          for (int64_t c = 0; c < D; ++c) qbar[c] = s[c] / (float)n;
-
-          /* Compressed scores; only finite ones are candidates. */
-          float smax = -INFINITY;
-          int64_t n_fin = 0;
-          for (int64_t j = 0; j < n_allowed; ++j) {
-            float sj = -INFINITY;
-            if (ks[j] > theta) sj = scale * dot_f32(qbar, kp + j * D, D);
-            if (isfinite(sj)) {
-              ++n_fin;
-              if (sj > smax) smax = sj;
-            } else {
-              sj = -INFINITY;
-            }
-            S[j] = sj;
-          }
-
-          if (n_fin > 0) {
-            /* Softmax over the row. Non-candidates become -1 (P itself is
-             * never negative, and may underflow to 0 for a candidate). */
-            float sum = 0.f;
-            for (int64_t j = 0; j < n_allowed; ++j) {
-              if (S[j] == -INFINITY) {
-                S[j] = -1.0f;
-              } else {
-                S[j] = expf(S[j] - smax);
-                sum += S[j];
-              }
-            }
-            int64_t m = 0;
-            for (int64_t j = 0; j < n_allowed; ++j) {
-              if (S[j] < 0.f) continue;
-              S[j] = S[j] / sum;
-              keys[m++] = sel_key(S[j], j);
-            }
-            const uint64_t *sorted = sort_keys(keys, ktmp, m);
-
-            if (topk) {
-              const float fk = ceilf(sel * (float)n_allowed);
-              int64_t keep;
-              if (!(fk >= 1.0f)) keep = 1;
-              else if (fk >= (float)m) keep = m;
-              else keep = (int64_t)fk;
-              for (int64_t t = 0; t < keep; ++t) mrow[(uint32_t)sorted[t]] = 1;
-            } else {
-              float cum = 0.f;
-              for (int64_t t = 0; t < m; ++t) {
-                if (!(cum < sel)) break;
-                const int64_t j = (int64_t)(uint32_t)sorted[t];
-                mrow[j] = 1;
-                cum += S[j];
-              }
-            }
-          }
-
-          /* Force: fix k-blocks (whole column, within the allowed range). */
-          for (int64_t j = 0; j < n_allowed; ++j)
-            if (!(ks[j] > theta)) mrow[j] = 1;
-        }
-        /* Force: causal diagonal blocks and the attention sink. */
-        for (int64_t j = jd0; j <= jd1; ++j) mrow[j] = 1;
-        if (sink) mrow[0] = 1;
-      }
-
-      uint8_t *dst = (uint8_t *)sparge_elem_ptr(out_mask, b, h, i, 0);
-      if (mstride_j == 1) {
-        memcpy(dst, mrow, (size_t)nk);
-      } else {
-        for (int64_t j = 0; j < nk; ++j) dst[j * mstride_j] = mrow[j];
-      }
-    }
-
-    free(scratch);
+    predict_k_block_sums(&c, &t); /* smooth K: block sums ... */
+    predict_k_mean(&c);           /* ... and their mean */
+    predict_k_pool(&c, &t);       /* pool + similarity of K' */
+    predict_rows(&c, &t);         /* per q-block: pool Q, scores, select, force */
+    free(t.base);
   }
 
-  if (oom)
+  if (oom) {
+    size_t off[4];
     return sparge_set_error(SPARGE_ERROR_OUT_OF_MEMORY,
                             "predict: could not allocate %zu bytes of per-thread scratch",
-                            scratch_bytes);
+                            predict_scratch_bytes(d->D, d->nk, off));
+  }
   return SPARGE_SUCCESS;
 }

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "../geometry.h"
 #include "host.h"
 #include "registry.h"
 
@@ -142,7 +143,7 @@ extern "C" sparge_status_t sparge_cuda_attn(const sparge_dims_t *d, const sparge
   a.Lq = (int32_t)d->Lq;
   a.Lk = (int32_t)d->Lk;
   a.causal = p->causal != SPARGE_CAUSAL_NONE;
-  a.causal_off = p->causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? (int32_t)(d->Lk - d->Lq) : 0;
+  a.causal_off = (int32_t)sparge_causal_offset<int64_t>(p->causal, d->Lq, d->Lk);
   a.nq = (int32_t)d->nq;
   a.nk = (int32_t)d->nk;
   a.scale_log2 = p->scale * 1.4426950408889634f;

@@ -13,6 +13,7 @@
 
 #include <atomic>
 
+#include "../geometry.h"
 #include "../tile_config.h"
 #include "attn_params.h"
 #include "common.cuh"
@@ -258,13 +259,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
     const int b = bh / p.Hq, h = bh - b * p.Hq;
     const int hk = h / p.rep;  // GQA: kv-head of q-head h
     const int r0 = qi * C::kBQ;
-    const int nr = min(C::kBQ, p.Lq - r0);  // valid rows of the tile, >= 1
-    // causally allowed k-blocks [0, n_allowed) (same formula as the CPU)
-    int n_allowed = p.nk;
-    if (p.causal) {
-      const int cmax = min(r0 + nr - 1 + p.causal_off, p.Lk - 1);
-      n_allowed = cmax < 0 ? 0 : min(p.nk, cmax / BK + 1);
-    }
+    const int nr = sparge_block_len(qi, C::kBQ, p.Lq);  // valid rows of the tile, >= 1
+    // causally allowed k-blocks [0, n_allowed) (geometry.h, as the CPU)
+    const int n_allowed = sparge_allowed_blocks(sparge_last_visible_key(p.causal, r0 + nr - 1, p.causal_off, p.Lk), BK);
     if (lane == 0) {
       ws->ptr[0] = (unsigned long long)(p.mask + b * p.m_sb + h * p.m_sh + qi * p.m_si);
       ws->ptr[1] = (unsigned long long)(static_cast<const T *>(p.k) + b * p.k_sb + hk * p.k_sh);
@@ -454,7 +451,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
       const int c0 = j * BK;
       const int flags = ws->flags;
       const bool kpad_on = flags & kFlagKpad, causal = flags & kFlagCausal;
-      const bool need_mask = kpad_on || c0 + BK > p.Lk || (causal && c0 + BK - 1 > ws->r0 + wr0 + p.causal_off);
+      const bool need_mask =
+          kpad_on || c0 + BK > p.Lk || (causal && sparge_causal_block_partial(ws->r0 + wr0, p.causal_off, c0 + BK - 1));
       if (need_mask) {
         const int qrow0 = ws->r0 + wr0 + g;
         uint32_t kbits[BK / 32];  // bit c of word w: key c0 + 32 w + c takes part (key padding)
@@ -465,8 +463,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             // last visible key of the row (-1: none), relative to c0; may be < 0
-            int lim = p.Lk - 1;
-            if (causal) lim = min(lim, qrow0 + mt * 16 + 8 * hf + p.causal_off);
+            const int lim = sparge_last_visible_key((int)causal, qrow0 + mt * 16 + 8 * hf, p.causal_off, p.Lk);
             const int rel = max(lim, -1) - c0;
 #pragma unroll
             for (int nt = 0; nt < NT_S; ++nt)

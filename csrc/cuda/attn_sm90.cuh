@@ -47,6 +47,7 @@
 #include <atomic>
 #include <type_traits>
 
+#include "../geometry.h"
 #include "../tile_config.h"
 #include "attn_params.h"
 #include "common.cuh"
@@ -131,12 +132,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const int b = bh / p.Hq, h = bh - b * p.Hq;
   const int hk = h / p.rep;
   const int r0 = qi * BQ;
-  const int nr = min(BQ, p.Lq - r0);
-  int n_allowed = p.nk;
-  if (p.causal) {
-    const int cmax = min(r0 + nr - 1 + p.causal_off, p.Lk - 1);
-    n_allowed = cmax < 0 ? 0 : min(p.nk, cmax / BK + 1);
-  }
+  const int nr = sparge_block_len(qi, BQ, p.Lq);  // valid rows of the tile, >= 1
+  // causally allowed k-blocks [0, n_allowed) (geometry.h, as the CPU and sm80)
+  const int n_allowed = sparge_allowed_blocks(sparge_last_visible_key(p.causal, r0 + nr - 1, p.causal_off, p.Lk), BK);
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
@@ -292,14 +290,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           continue;
         }
         const int c0 = j * BK;
-        if (kpad_on || c0 + BK > p.Lk || (p.causal && c0 + BK - 1 > row_first + p.causal_off)) {
+        if (kpad_on || c0 + BK > p.Lk ||
+            (p.causal && sparge_causal_block_partial(row_first, p.causal_off, c0 + BK - 1))) {
           uint32_t kbits[KW];
 #pragma unroll
           for (int w = 0; w < KW; ++w) kbits[w] = kpad_on ? s_bits[(s * 2 + hb) * KW + w] : ~0u;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            int lim = p.Lk - 1;
-            if (p.causal) lim = min(lim, qrow0 + 8 * hf + p.causal_off);
+            const int lim = sparge_last_visible_key(p.causal, qrow0 + 8 * hf, p.causal_off, p.Lk);
             const int rel = max(lim, -1) - c0;
 #pragma unroll
             for (int nt = 0; nt < BK / 8; ++nt)

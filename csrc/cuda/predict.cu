@@ -56,6 +56,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../geometry.h"
 #include "host.h"
 
 namespace {
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
     const int64_t i = job % p.nq, bh = job / p.nq;
     const int64_t b = bh / p.Hq, h = bh % p.Hq;
     const int64_t r0 = i * p.BQ;
-    n = (int)(p.Lq - r0 < p.BQ ? p.Lq - r0 : p.BQ);
+    n = (int)sparge_block_len<int64_t>(i, p.BQ, p.Lq);
     base = p.q + (b * p.q_sb + h * p.q_sh + r0 * p.q_sr) * ES;
     rs = p.q_sr;
   } else { // job = (b*Hkv + g)*nk + j
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolParams p, 
     bg = job / p.nk;
     const int64_t b = bg / p.Hkv, g = bg % p.Hkv;
     const int64_t r0 = j * p.BK;
-    n = (int)(p.Lk - r0 < p.BK ? p.Lk - r0 : p.BK);
+    n = (int)sparge_block_len<int64_t>(j, p.BK, p.Lk);
     base = p.k + (b * p.k_sb + g * p.k_sh + r0 * p.k_sr) * ES;
     rs = p.k_sr;
   }
@@ -408,29 +409,15 @@ template <int TM, int IPT, bool CTA> struct SelCfg {
   static constexpr size_t smem = sim_off + (size_t)(NPAD + QT) * 4;
 };
 
-// Causal extent of q-block i (mirrors predict.c): k-blocks 0..nal-1 are
-// allowed, jd0..jd1 are the diagonal blocks (jd1 = -1: none).
+// Causal extent of q-block i (geometry.h, as predict.c): k-blocks 0..nal-1
+// are allowed, jd0..jd1 are the diagonal blocks (jd1 = -1: none).
 __device__ __forceinline__ void row_extent(const SelParams &p, int64_t i, int &nal, int &jd0, int &jd1) {
-  const int64_t r0 = i * p.BQ;
-  const int64_t r1 = (r0 + p.BQ < p.Lq ? r0 + p.BQ : p.Lq) - 1;
-  int64_t jmax = p.nk - 1, d0 = 0, d1 = -1;
-  if (p.causal != SPARGE_CAUSAL_NONE) {
-    int64_t elast = r1 + p.coff;
-    if (elast > p.Lk - 1) elast = p.Lk - 1;
-    if (elast < 0) {
-      jmax = -1;
-    } else {
-      int64_t efirst = r0 + p.coff;
-      if (efirst < 0) efirst = 0;
-      if (efirst > p.Lk - 1) efirst = p.Lk - 1;
-      jmax = elast / p.BK;
-      d0 = efirst / p.BK;
-      d1 = jmax;
-    }
-  }
-  nal = (int)(jmax + 1);
-  jd0 = (int)d0;
-  jd1 = (int)d1;
+  const int causal = p.causal != SPARGE_CAUSAL_NONE;
+  const int64_t r0 = i * p.BQ, r1 = r0 + sparge_block_len<int64_t>(i, p.BQ, p.Lq) - 1;
+  nal = (int)sparge_allowed_blocks<int64_t>(sparge_last_visible_key(causal, r1, p.coff, p.Lk), p.BK);
+  const bool diag = causal && nal > 0;
+  jd0 = diag ? (int)sparge_diagonal_first<int64_t>(sparge_last_visible_key(causal, r0, p.coff, p.Lk), p.BK) : 0;
+  jd1 = diag ? nal - 1 : -1;
 }
 
 // Group operations: a warp (CTA = false) or the whole CTA (CTA = true). Every
@@ -1108,7 +1095,7 @@ extern "C" sparge_status_t sparge_cuda_predict(const sparge_dims_t *d, const spa
   sp.ms0 = out_mask->strides[0]; sp.ms1 = out_mask->strides[1];
   sp.ms2 = out_mask->strides[2]; sp.ms3 = out_mask->strides[3];
   sp.Hq = Hq; sp.Hkv = Hkv; sp.group = Hq / Hkv; sp.nq = nq; sp.nk = nk; sp.Lq = d->Lq; sp.Lk = d->Lk;
-  sp.coff = p->causal == SPARGE_CAUSAL_BOTTOM_RIGHT ? d->Lk - d->Lq : 0;
+  sp.coff = sparge_causal_offset<int64_t>(p->causal, d->Lq, d->Lk);
   sp.ntiles = 0;
   sp.BQ = p->block_q; sp.BK = p->block_k; sp.Dp = Dp; sp.causal = p->causal;
   sp.topk = p->select_mode == SPARGE_SELECT_TOPK; sp.sink = p->attention_sink != 0;
