@@ -31,13 +31,14 @@ def _predict_impl(q: torch.Tensor, k: torch.Tensor, sim_threshold: torch.Tensor,
                        device=q.device)
     dq, dk = _lib.desc(q), _lib.desc(k)
     with _lib.device_guard(q.device):
-        status, nbytes = _C.predict_workspace_size(dq, dk, scale, causal, select_mode, int(attention_sink), block_q,
-                                                   block_k)
+        params = dict(scale=scale, causal=causal, select_mode=select_mode, attention_sink=int(attention_sink),
+                      block_q=block_q, block_k=block_k)
+        status, nbytes = _C.predict_workspace_size(dq, dk, **params)
         _lib.check(status, "sparge.predict")
         holder, address = _lib.workspace(nbytes, q.device)
-        status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), scale, causal, select_mode,
-                            int(attention_sink), block_q, block_k, _lib.desc(mask), address, nbytes,
-                            _lib.stream_handle(q.device))
+        status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), **params,
+                            out_mask=_lib.desc(mask), workspace=address, workspace_bytes=nbytes,
+                            stream=_lib.stream_handle(q.device))
         del holder  # torch's caching allocator keeps it valid for the stream's pending work
     _lib.check(status, "sparge.predict")
     return mask
@@ -88,13 +89,15 @@ def _run_attn(q, k, v, block_mask, key_padding, pv_threshold, scale, causal, pre
               out, lse, stats) -> None:
     def call(q, k, v):
         dq, dk, dv = _lib.desc(q), _lib.desc(k), _lib.desc(v)
-        status, nbytes = _C.attn_workspace_size(dq, dk, dv, scale, causal, precision, block_q, block_k, pv_group)
+        params = dict(scale=scale, causal=causal, precision=precision, block_q=block_q, block_k=block_k,
+                      pv_group=pv_group)
+        status, nbytes = _C.attn_workspace_size(dq, dk, dv, **params)
         _lib.check(status, "sparge.block_sparse_attn")
         holder, address = _lib.workspace(nbytes, q.device)
-        status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), _lib.desc(key_padding),
-                                      _lib.desc(pv_threshold), scale, causal, precision, block_q, block_k, pv_group,
-                                      _lib.desc(out), _lib.desc(lse), _lib.desc(stats), address, nbytes,
-                                      _lib.stream_handle(q.device))
+        status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), key_padding=_lib.desc(key_padding),
+                                      pv_threshold=_lib.desc(pv_threshold), **params, out=_lib.desc(out),
+                                      out_lse=_lib.desc(lse), out_stats=_lib.desc(stats), workspace=address,
+                                      workspace_bytes=nbytes, stream=_lib.stream_handle(q.device))
         del holder  # torch's caching allocator keeps it valid for the stream's pending work
         return status
 
