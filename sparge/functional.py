@@ -4,21 +4,20 @@
 ``torch.nn.functional.scaled_dot_product_attention``; sparge's own options are
 keyword-only. Bad input raises ValueError/TypeError naming the argument; valid
 input that sparge cannot run natively goes to torch SDPA with a once-per-reason
-warning and a counter (``fallback_counts()``).
+warning and a counter (``fallback_counts()``, shared with the integrations).
 """
 from __future__ import annotations
 
 import math
 import numbers
-import warnings
-from collections import Counter
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import _lib, _ops, reference
+from . import _fallback, _lib, _ops, reference
 from . import config as _config
+from ._fallback import fallback_counts, reset_fallback_counts
 
 __all__ = ["attn", "predict", "block_sparse_attn", "block_shape", "fallback_counts", "reset_fallback_counts"]
 
@@ -37,26 +36,14 @@ class _DefaultTopk(float):
 
 _TOPK_DEFAULT = _DefaultTopk(0.5)
 
-_fallbacks: Counter = Counter()
-
 # Set by sparge.calibrate while it captures a model's attention calls: it gets
 # attn's SDPA arguments and returns the dense output (None: run normally).
 _observer = None
 
 
-def fallback_counts() -> Dict[str, int]:
-    """How often each fallback reason was taken since import (or the last reset)."""
-    return dict(_fallbacks)
-
-
-def reset_fallback_counts() -> None:
-    _fallbacks.clear()
-
-
-def _fallback(reason: str) -> None:
-    if reason not in _fallbacks:
-        warnings.warn(f"sparge: falling back to torch SDPA: {reason}", RuntimeWarning, stacklevel=4)
-    _fallbacks[reason] += 1
+def _note_fallback(where: str, reason: str) -> None:
+    # stacklevel 5: the warning names the caller of the caller of sparge's entry point, as it always has
+    _fallback.note_fallback(where, reason, f"sparge: falling back to torch SDPA: {reason}", stacklevel=5)
 
 
 def _compiling() -> bool:
@@ -320,7 +307,7 @@ def _predict_mask(q, k, sim_t, sel_t, scale, causal, mode, sink, bq, bk) -> torc
     reason = _lib.device_reason(q.device.type, q.device.index or 0) if q.device.type != "cpu" else None
     if reason is None:
         return _ops.run_predict(q, k, sim_t, sel_t, scale, _lib.CAUSAL_CODES[causal], mode, sink, bq, bk)
-    _fallback(f"prediction on {q.device.type} runs the torch reference ({reason})")
+    _note_fallback("sparge.predict", f"prediction on {q.device.type} runs the torch reference ({reason})")
     topk = sel_t if mode == _lib.SELECT_TOPK else None
     cdf = sel_t if mode == _lib.SELECT_CDF else None
     return reference.predict(q, k, block_q=bq, block_k=bk, scale=scale, causal=causal, topk=topk,
@@ -390,7 +377,7 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
         if layout == "bshd":
             out = out.transpose(1, 2)  # [B, Lq, Hq, Dv], contiguous
     else:
-        _fallback(f"block_sparse_attn runs the torch reference ({reason})")
+        _note_fallback("sparge.block_sparse_attn", f"block_sparse_attn runs the torch reference ({reason})")
         out, lse, stats = reference.block_sparse_attn(q, k, v, mask, block_q=bq, block_k=bk, scale=s,
                                                       causal=causal, key_padding_mask=kpad, pv_threshold=pv_t)
         out = out.to(q.dtype)
@@ -468,7 +455,7 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     if reason is None:
         reason = _native_reason(q.device, D, Dv, q.dtype, precision)
     if reason is not None:
-        _fallback(reason)
+        _note_fallback("sparge.attn", reason)
         return _sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, return_lse, return_stats, kpad)
     if auto_dense and not return_lse and _dense_pays(q, k, causal, mode, sel):
         # exact dense attention is faster here than prediction + sparse kernel

@@ -21,7 +21,8 @@ Calls the router sends to the original function: tensors that are not 4-D
 other than boolean key padding (broadcastable to ``[B, 1, 1, Lk]``),
 ``dropout_p > 0``, inputs that need gradients (sparge is inference-only), and
 anything SDPA itself would reject. Each reason is counted
-(``sparge.integrations.fallback_counts()``) and warned about once.
+(``sparge.fallback_counts()``, keys ``"patch_sdpa: <reason>"``) and warned
+about once.
 
 Code that bound the function before the scope opened
 (``from torch.nn.functional import scaled_dot_product_attention``) keeps the
@@ -38,7 +39,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import CallContext, StatsRecorder, check_options, note_fallback, run_sdpa_like
+from .._fallback import note_fallback
+from ._common import CallContext, StatsRecorder, check_options, run_sdpa_like
 
 __all__ = ["patch_sdpa", "original_sdpa", "is_patched"]
 

@@ -42,8 +42,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import functional
+from .._fallback import note_fallback
 from . import _common
-from ._common import CallContext, StatsRecorder, note_fallback
+from ._common import CallContext, StatsRecorder
 
 __all__ = ["register", "apply", "remove", "attention_forward", "mask_function", "NAME", "density"]
 
