@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 
+from . import _args, _fallback
 from . import functional as _fn
 from .config import LayerConfig, SpargeConfig
 
@@ -252,7 +253,7 @@ def _search(prob: _Problem, H: int, device, target: float, sim: torch.Tensor, pv
 
 
 def _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps):
-    _fn._check_number(target, "target", 0.0, math.inf, lo_open=True)
+    _args.check_number(target, "target", 0.0, math.inf, lo_open=True)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     if mode not in MODES:
@@ -266,11 +267,11 @@ def _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share
         if not sims:
             raise ValueError("sim_candidates: needs at least one value")
         for x in sims:
-            _fn._check_number(x, "sim_candidates")
+            _args.check_number(x, "sim_candidates")
     pvs = tuple(pv_candidates or ())
     for x in pvs:
-        _fn._check_number(x, "pv_candidates", 0.0)
-    _fn._check_number(pv_share, "pv_share", 0.0, 1.0)
+        _args.check_number(x, "pv_candidates", 0.0)
+    _args.check_number(pv_share, "pv_share", 0.0, 1.0)
     if pv_share >= 1.0 and pvs:
         raise ValueError("pv_share: must be < 1 when pv_candidates are searched")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 30:
@@ -289,26 +290,18 @@ def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, 
     ``key_padding_mask``) and return the per-head choice with what it achieved.
     ``reference`` is the dense output (computed with torch SDPA when not given)."""
     sims, pvs = _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps)
-    q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
-    causal = _fn._causal_mode(is_causal, causal_alignment)
-    s = _fn._resolve_scale(scale, q.shape[3])
-    _fn._check_precision(precision)
-    B, H, Lq, D = q.shape
-    kpad = None
-    if attn_mask is not None:
-        kpad, reason = _fn._key_padding(attn_mask, B, H, Lq, k.shape[2])
-        if reason is not None:
-            raise ValueError(f"attn_mask: calibration needs a mask sparge runs natively; this one is {reason}")
-    if key_padding_mask is not None:
-        if attn_mask is not None:
-            raise ValueError("key_padding_mask: give either attn_mask or key_padding_mask, not both")
-        kpad = _fn._check_key_padding_mask(key_padding_mask, B, k.shape[2], q.device)
-    reason = _fn._native_reason(q.device, D, v.shape[3], q.dtype, precision)
+    call = _args.resolve_call(query, key, value, layout=layout, enable_gqa=enable_gqa, is_causal=is_causal,
+                              causal_alignment=causal_alignment, scale=scale, precision=precision,
+                              attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+    q, k, v, s, H = call.q, call.k, call.v, call.scale, call.Hq
+    if call.mask.kind == _args.OTHER:
+        raise ValueError(f"attn_mask: calibration needs a mask sparge runs natively; this one is {call.mask.reason}")
+    reason = call.native_reason()
     if reason is not None:
         raise ValueError(f"query: sparge has no kernel for this call ({reason}); nothing to calibrate")
     if reference is None:
         with _suspended():
-            reference = _fn._sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, "bhsd", False, False, kpad)
+            reference = _fallback.sdpa(call, attn_mask)[0]
     elif layout == "bshd":
         reference = reference.transpose(1, 2)
     kw = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "is_causal": is_causal, "scale": s,
@@ -316,7 +309,7 @@ def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, 
     prob = _Problem(q, k, v, reference, kw, metric, mode)
     with torch.no_grad(), _suspended():
         if sims == "auto":
-            bq, bk = _fn._block_size(None, q, k, v, precision)
+            bq, bk = call.block_shape()
             sim = _auto_sims(q, k, bq, bk)
         else:
             sim = torch.tensor(sims, dtype=torch.float32, device=q.device)[None].expand(H, len(sims)).contiguous()
@@ -399,12 +392,11 @@ class _Capture:
         returns the dense output, calibrating on the way."""
         if getattr(_state, "suspended", False):
             return None
-        q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
-        causal = _fn._causal_mode(is_causal, causal_alignment)
-        s = _fn._resolve_scale(scale, q.shape[3])
-        kpad = _fn._check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
+        call = _args.resolve_call(query, key, value, layout=layout, enable_gqa=enable_gqa, is_causal=is_causal,
+                                  causal_alignment=causal_alignment, scale=scale,
+                                  key_padding_mask=key_padding_mask)
         with _suspended():
-            out = _fn._sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, False, False, kpad)
+            out = call.finish(_fallback.sdpa(call, attn_mask, dropout_p)[0])
         self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
                      causal_alignment, key_padding_mask, out)
         return out
@@ -474,20 +466,21 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
         if max_calls_per_layer is not None and per_layer.get(path, 0) >= max_calls_per_layer:
             return skip("max_calls_per_layer reached")
         ref = out
-        if attn_mask is not None and attn_mask.dtype == torch.bool and not is_causal and key_padding_mask is None:
-            # a causal LM's padded batch: causal pattern AND key padding, which
-            # sparge runs natively; rows that see no key give 0 there, so they
-            # are set to 0 in the captured reference too
-            s = 2 if layout == "bhsd" else 1
-            dec = _fn._decompose_bool_mask(attn_mask, query.shape[s], key.shape[s])
-            if dec is not None and (dec[0] is not None or _fn._key_padding(
-                    attn_mask, query.shape[0], 1, query.shape[s], key.shape[s])[1] is not None):
-                seen = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).any(-1, keepdim=True)
-                ref = out.masked_fill(~(seen if layout == "bhsd" else seen.transpose(1, 2)), 0.0)
-                alignment, key_padding_mask = dec[0] or "top_left", dec[1]
-                is_causal, attn_mask = dec[0] is not None, None
         try:
             head_dim = 1 if layout == "bhsd" else 2
+            if attn_mask is not None and not is_causal and key_padding_mask is None:
+                # a causal LM's padded batch: causal pattern AND key padding, which
+                # sparge runs natively; rows that see no key give 0 there, so they
+                # are set to 0 in the captured reference too
+                s = 2 if layout == "bhsd" else 1
+                m = _args.classify_mask(attn_mask, query.shape[0], query.shape[head_dim], query.shape[s],
+                                        key.shape[s], decompose=True)
+                if m.kind == _args.CAUSAL_AND_PADDING:
+                    seen = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).any(
+                        -1, keepdim=True)
+                    ref = out.masked_fill(~(seen if layout == "bhsd" else seen.transpose(1, 2)), 0.0)
+                    alignment, key_padding_mask = m.causal or "top_left", m.key_padding
+                    is_causal, attn_mask = m.causal is not None, None
             rec = calibrate_layer(query, key, value, attn_mask, is_causal, scale,
                                   enable_gqa or query.shape[head_dim] != key.shape[head_dim],
                                   target=target, metric=metric, mode=mode, sim_candidates=sims, pv_candidates=pvs,

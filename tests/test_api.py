@@ -323,7 +323,7 @@ def test_key_padding_mask_with_causal(alignment):
 
 
 def test_decompose_bool_mask():
-    from sparge.functional import _decompose_bool_mask
+    from sparge._args import decompose_mask as _decompose_bool_mask
 
     pad = torch.ones(2, 50, dtype=torch.bool)
     pad[1, :7] = False
