@@ -129,11 +129,11 @@ class StatsRecorder:
 class CallContext:
     """What a routed attention call needs to know about its caller."""
 
-    __slots__ = ("path", "config", "options", "grid", "text_first", "stats", "where")
+    __slots__ = ("path", "config", "options", "grid", "text_first", "stats", "where", "capture")
 
     def __init__(self, path: Optional[str] = None, config=None, options: Optional[Dict[str, Any]] = None,
                  grid: Optional[Tuple[int, ...]] = None, text_first: Optional[bool] = None,
-                 stats: Optional[StatsRecorder] = None, where: str = "sparge"):
+                 stats: Optional[StatsRecorder] = None, where: str = "sparge", capture=None):
         self.path = path
         self.config = config          # a LayerConfig (already looked up) or None
         self.options = options or {}
@@ -141,6 +141,9 @@ class CallContext:
         self.text_first = text_first
         self.stats = stats
         self.where = where
+        # sparge.calibrate: capture(original_sdpa, query, key, value, attn_mask, dropout_p, is_causal, scale,
+        # enable_gqa, extra) runs every SDPA call of the scope instead of routing it to sparge
+        self.capture = capture
 
 
 _local = threading.local()
