@@ -169,6 +169,15 @@ def test_abi_attention_status_codes():
     assert "stride" in _C.last_error()
 
 
+def test_bindings_take_keyword_arguments():
+    q, k, v = (_desc(t) for t in _qkv(Lq=64, Lk=64))
+    with pytest.raises(TypeError):  # the params-struct fields are keyword-only
+        _C.attn_workspace_size(q, k, v, 0.1, 0, 0, 128, 64, 16)
+    status, _ = _C.attn_workspace_size(q, k, v, scale=0.1, block_q=128, block_k=64, pv_group=16)
+    assert status == _lib.SUCCESS
+    assert _C.predict_workspace_size(q, k, scale=0.1, block_q=32, block_k=32)[0] == _lib.SUCCESS
+
+
 # --------------------------------------------------------------------------
 # Fallbacks
 # --------------------------------------------------------------------------
