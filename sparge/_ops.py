@@ -127,11 +127,13 @@ def _direct(*tensors) -> bool:
     return all(t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
 
 
-def run_predict(q, k, sim_threshold, select_param, *args) -> torch.Tensor:
+def run_predict(q, k, sim_threshold, select_param, **params) -> torch.Tensor:
+    """``predict`` with the tensors positional and the rest by keyword (``scale``, ``causal``, ...)."""
     fn = _predict_impl if _direct(q, k, sim_threshold, select_param) else predict
-    return fn(q, k, sim_threshold, select_param, *args)
+    return fn(q, k, sim_threshold, select_param, **params)
 
 
-def run_block_sparse_attn(q, k, v, block_mask, key_padding, pv_threshold, *args):
+def run_block_sparse_attn(q, k, v, block_mask, key_padding, pv_threshold, **params):
+    """``block_sparse_attn`` with the tensors positional and the rest by keyword (``scale``, ``causal``, ...)."""
     fn = _attn_impl if _direct(q, k, v, block_mask, key_padding, pv_threshold) else block_sparse_attn
-    return fn(q, k, v, block_mask, key_padding, pv_threshold, *args)
+    return fn(q, k, v, block_mask, key_padding, pv_threshold, **params)

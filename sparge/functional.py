@@ -61,8 +61,9 @@ def _predict_mask(call: _args.Call, sink: bool, bq: int, bk: int) -> torch.Tenso
     q, k = call.q, call.k
     reason = _lib.device_reason(q.device.type, q.device.index or 0) if q.device.type != "cpu" else None
     if reason is None:
-        return _ops.run_predict(q, k, call.sim_threshold, call.select_param, call.scale, call.causal_code,
-                                call.select_mode, sink, bq, bk)
+        return _ops.run_predict(q, k, call.sim_threshold, call.select_param, scale=call.scale,
+                                causal=call.causal_code, select_mode=call.select_mode, attention_sink=sink,
+                                block_q=bq, block_k=bk)
     _note_fallback("sparge.predict", f"prediction on {q.device.type} runs the torch reference ({reason})")
     topk = call.select_param if call.select_mode == _lib.SELECT_TOPK else None
     cdf = call.select_param if call.select_mode == _lib.SELECT_CDF else None
@@ -105,9 +106,11 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
     reason = call.native_reason()
     if reason is None:
         _, _, group, prec = call.kernel()
-        out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, call.key_padding, call.pv_threshold, call.scale,
-                                                     call.causal_code, prec, bq, bk, min(group, bq),
-                                                     layout == "bshd", return_lse, return_stats)
+        out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, call.key_padding, call.pv_threshold,
+                                                     scale=call.scale, causal=call.causal_code, precision=prec,
+                                                     block_q=bq, block_k=bk, pv_group=min(group, bq),
+                                                     out_bshd=layout == "bshd", return_lse=return_lse,
+                                                     return_stats=return_stats)
     else:
         _note_fallback("sparge.block_sparse_attn", f"block_sparse_attn runs the torch reference ({reason})")
         out, lse, stats = reference.block_sparse_attn(q, k, v, mask, block_q=bq, block_k=bk, scale=call.scale,
@@ -169,9 +172,10 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     call.q, call.k, call.v = q, k, v
     bq, bk, group, prec = call.kernel()
     mask = _predict_mask(call, attention_sink, bq, bk)
-    out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, call.key_padding, call.pv_threshold, call.scale,
-                                                 call.causal_code, prec, bq, bk, group, layout == "bshd",
-                                                 return_lse, return_stats)
+    out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, call.key_padding, call.pv_threshold,
+                                                 scale=call.scale, causal=call.causal_code, precision=prec,
+                                                 block_q=bq, block_k=bk, pv_group=group, out_bshd=layout == "bshd",
+                                                 return_lse=return_lse, return_stats=return_stats)
     return call.finish(out, lse, stats)
 
 
