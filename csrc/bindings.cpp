@@ -5,6 +5,11 @@
 // module never sees torch objects, so it builds without torch and serves every
 // torch version. Every call returns the C status code; sparge/_lib.py turns a
 // non-zero status into a Python exception with sparge_last_error().
+//
+// Every parameter has a name (py::arg): tensors are positional, the scalars of
+// the params structs, the workspace and the stream keyword-only, named after
+// the C fields, with a default where the C side has a natural one (no causal
+// mask, top-k selection, no sink, no workspace, the default stream).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -86,11 +91,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("abi_version", &sparge_abi_version);
   m.def("version", []() { return std::string(sparge_version_string()); });
   m.def("last_error", []() { return std::string(sparge_last_error()); });
-  m.def("status_string", [](int32_t s) { return std::string(sparge_status_string(static_cast<sparge_status_t>(s))); });
+  m.def(
+      "status_string",
+      [](int32_t s) { return std::string(sparge_status_string(static_cast<sparge_status_t>(s))); },
+      py::arg("status"));
   m.def("cuda_compiled", &sparge_cuda_compiled);
-  m.def("device_supported", [](int32_t device_type, int32_t device_id) {
-    return static_cast<int>(sparge_device_supported(device_type, device_id));
-  });
+  m.def(
+      "device_supported",
+      [](int32_t device_type, int32_t device_id) {
+        return static_cast<int>(sparge_device_supported(device_type, device_id));
+      },
+      py::arg("device_type"), py::arg("device_id") = 0);
 
   m.def("block_shape", [](int32_t device_type, int32_t device_id, int64_t head_dim, int64_t head_dim_v,
                           int32_t dtype, int32_t precision) {
@@ -98,7 +109,8 @@ PYBIND11_MODULE(_C, m) {
     sparge_status_t s = sparge_block_shape(device_type, device_id, head_dim, head_dim_v, dtype, precision,
                                            &bq, &bk, &group, &prec);
     return std::make_tuple(static_cast<int>(s), bq, bk, group, prec);
-  });
+  }, py::arg("device_type"), py::arg("device_id"), py::arg("head_dim"), py::arg("head_dim_v"), py::arg("dtype"),
+     py::arg("precision") = 0);
 
   m.def("predict_workspace_size", [](const Desc &q, const Desc &k, float scale, int32_t causal,
                                      int32_t select_mode, int32_t sink, int32_t block_q, int32_t block_k) {
@@ -107,7 +119,8 @@ PYBIND11_MODULE(_C, m) {
     size_t bytes = 0;
     sparge_status_t s = sparge_predict_workspace_size(&tq, &tk, &p, &bytes);
     return std::make_tuple(static_cast<int>(s), static_cast<uint64_t>(bytes));
-  });
+  }, py::arg("q"), py::arg("k"), py::kw_only(), py::arg("scale"), py::arg("causal") = 0, py::arg("select_mode") = 0,
+     py::arg("attention_sink") = 0, py::arg("block_q"), py::arg("block_k"));
 
   m.def("predict", [](const Desc &q, const Desc &k, const Desc &sim_threshold, const Desc &select_param,
                       float scale, int32_t causal, int32_t select_mode, int32_t sink, int32_t block_q,
@@ -120,7 +133,10 @@ PYBIND11_MODULE(_C, m) {
     return static_cast<int>(sparge_predict(&tq, &tk, &ts, &tp, &p, &tm, reinterpret_cast<void *>(workspace),
                                            static_cast<size_t>(workspace_bytes),
                                            reinterpret_cast<void *>(stream)));
-  });
+  }, py::arg("q"), py::arg("k"), py::arg("sim_threshold"), py::arg("select_param"), py::kw_only(), py::arg("scale"),
+     py::arg("causal") = 0, py::arg("select_mode") = 0, py::arg("attention_sink") = 0, py::arg("block_q"),
+     py::arg("block_k"), py::arg("out_mask"), py::arg("workspace") = 0, py::arg("workspace_bytes") = 0,
+     py::arg("stream") = 0);
 
   m.def("attn_workspace_size", [](const Desc &q, const Desc &k, const Desc &v, float scale, int32_t causal,
                                   int32_t precision, int32_t block_q, int32_t block_k, int32_t pv_group) {
@@ -129,7 +145,8 @@ PYBIND11_MODULE(_C, m) {
     size_t bytes = 0;
     sparge_status_t s = sparge_attn_workspace_size(&tq, &tk, &tv, &p, &bytes);
     return std::make_tuple(static_cast<int>(s), static_cast<uint64_t>(bytes));
-  });
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("scale"), py::arg("causal") = 0,
+     py::arg("precision") = 0, py::arg("block_q"), py::arg("block_k"), py::arg("pv_group"));
 
   m.def("block_sparse_attn", [](const Desc &q, const Desc &k, const Desc &v, const Desc &block_mask,
                                 const OptDesc &key_padding, const OptDesc &pv_threshold, float scale,
@@ -146,7 +163,11 @@ PYBIND11_MODULE(_C, m) {
                                                      st.get(), reinterpret_cast<void *>(workspace),
                                                      static_cast<size_t>(workspace_bytes),
                                                      reinterpret_cast<void *>(stream)));
-  });
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("block_mask"), py::kw_only(),
+     py::arg("key_padding") = py::none(), py::arg("pv_threshold") = py::none(), py::arg("scale"),
+     py::arg("causal") = 0, py::arg("precision") = 0, py::arg("block_q"), py::arg("block_k"), py::arg("pv_group"),
+     py::arg("out"), py::arg("out_lse") = py::none(), py::arg("out_stats") = py::none(), py::arg("workspace") = 0,
+     py::arg("workspace_bytes") = 0, py::arg("stream") = 0);
 
   m.attr("SPARGE_ABI_VERSION") = SPARGE_ABI_VERSION;
   m.attr("NUM_STATS") = SPARGE_NUM_STATS;

@@ -6,10 +6,11 @@
 See README.md and SPEC.md for the method and the contract.
 """
 from . import hilbert as hilbert  # sparge.hilbert: Hilbert token order (SPEC §4)
+from ._fallback import fallback_counts, reset_fallback_counts
 from ._lib import NotSupportedError, SpargeError
 from .calibration import CalibrationResult, calibrate, calibrate_layer
 from .config import ConfigError, LayerConfig, SpargeConfig
-from .functional import attn, block_shape, block_sparse_attn, fallback_counts, predict, reset_fallback_counts
+from .functional import attn, block_shape, block_sparse_attn, predict
 from .integrations.sdpa import patch_sdpa
 
 __version__ = "0.1.0"

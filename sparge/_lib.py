@@ -144,7 +144,7 @@ def cuda_compiled() -> bool:
 @functools.lru_cache(maxsize=None)
 def _device_reason_cached(device_type: str, device_index: int) -> str:
     dev_type, dev_id = device_codes(torch.device(device_type, device_index))
-    status = _C.device_supported(dev_type, dev_id)
+    status = _C.device_supported(dev_type, device_id=dev_id)
     return "" if status == SUCCESS else (_C.last_error() or _C.status_string(status))
 
 
@@ -160,7 +160,8 @@ def device_reason(device_type: str, device_index: int) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _block_shape_cached(dev_type: int, dev_id: int, head_dim: int, head_dim_v: int, dtype: int, precision: int):
-    status, bq, bk, group, prec = _C.block_shape(dev_type, dev_id, head_dim, head_dim_v, dtype, precision)
+    status, bq, bk, group, prec = _C.block_shape(dev_type, dev_id, head_dim=head_dim, head_dim_v=head_dim_v,
+                                                 dtype=dtype, precision=precision)
     return status, (_C.last_error() if status else ""), (bq, bk, group, prec)
 
 

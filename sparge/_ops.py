@@ -31,13 +31,14 @@ def _predict_impl(q: torch.Tensor, k: torch.Tensor, sim_threshold: torch.Tensor,
                        device=q.device)
     dq, dk = _lib.desc(q), _lib.desc(k)
     with _lib.device_guard(q.device):
-        status, nbytes = _C.predict_workspace_size(dq, dk, scale, causal, select_mode, int(attention_sink), block_q,
-                                                   block_k)
+        params = dict(scale=scale, causal=causal, select_mode=select_mode, attention_sink=int(attention_sink),
+                      block_q=block_q, block_k=block_k)
+        status, nbytes = _C.predict_workspace_size(dq, dk, **params)
         _lib.check(status, "sparge.predict")
         holder, address = _lib.workspace(nbytes, q.device)
-        status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), scale, causal, select_mode,
-                            int(attention_sink), block_q, block_k, _lib.desc(mask), address, nbytes,
-                            _lib.stream_handle(q.device))
+        status = _C.predict(dq, dk, _lib.desc(sim_threshold), _lib.desc(select_param), **params,
+                            out_mask=_lib.desc(mask), workspace=address, workspace_bytes=nbytes,
+                            stream=_lib.stream_handle(q.device))
         del holder  # torch's caching allocator keeps it valid for the stream's pending work
     _lib.check(status, "sparge.predict")
     return mask
@@ -88,13 +89,15 @@ def _run_attn(q, k, v, block_mask, key_padding, pv_threshold, scale, causal, pre
               out, lse, stats) -> None:
     def call(q, k, v):
         dq, dk, dv = _lib.desc(q), _lib.desc(k), _lib.desc(v)
-        status, nbytes = _C.attn_workspace_size(dq, dk, dv, scale, causal, precision, block_q, block_k, pv_group)
+        params = dict(scale=scale, causal=causal, precision=precision, block_q=block_q, block_k=block_k,
+                      pv_group=pv_group)
+        status, nbytes = _C.attn_workspace_size(dq, dk, dv, **params)
         _lib.check(status, "sparge.block_sparse_attn")
         holder, address = _lib.workspace(nbytes, q.device)
-        status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), _lib.desc(key_padding),
-                                      _lib.desc(pv_threshold), scale, causal, precision, block_q, block_k, pv_group,
-                                      _lib.desc(out), _lib.desc(lse), _lib.desc(stats), address, nbytes,
-                                      _lib.stream_handle(q.device))
+        status = _C.block_sparse_attn(dq, dk, dv, _lib.desc(block_mask), key_padding=_lib.desc(key_padding),
+                                      pv_threshold=_lib.desc(pv_threshold), **params, out=_lib.desc(out),
+                                      out_lse=_lib.desc(lse), out_stats=_lib.desc(stats), workspace=address,
+                                      workspace_bytes=nbytes, stream=_lib.stream_handle(q.device))
         del holder  # torch's caching allocator keeps it valid for the stream's pending work
         return status
 
@@ -124,11 +127,13 @@ def _direct(*tensors) -> bool:
     return all(t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
 
 
-def run_predict(q, k, sim_threshold, select_param, *args) -> torch.Tensor:
+def run_predict(q, k, sim_threshold, select_param, **params) -> torch.Tensor:
+    """``predict`` with the tensors positional and the rest by keyword (``scale``, ``causal``, ...)."""
     fn = _predict_impl if _direct(q, k, sim_threshold, select_param) else predict
-    return fn(q, k, sim_threshold, select_param, *args)
+    return fn(q, k, sim_threshold, select_param, **params)
 
 
-def run_block_sparse_attn(q, k, v, block_mask, key_padding, pv_threshold, *args):
+def run_block_sparse_attn(q, k, v, block_mask, key_padding, pv_threshold, **params):
+    """``block_sparse_attn`` with the tensors positional and the rest by keyword (``scale``, ``causal``, ...)."""
     fn = _attn_impl if _direct(q, k, v, block_mask, key_padding, pv_threshold) else block_sparse_attn
-    return fn(q, k, v, block_mask, key_padding, pv_threshold, *args)
+    return fn(q, k, v, block_mask, key_padding, pv_threshold, **params)

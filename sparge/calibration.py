@@ -35,6 +35,7 @@ Error metrics (per head, over batch, rows and channels): ``"l1"`` relative L1
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -42,10 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from . import _args, _fallback
 from . import functional as _fn
 from .config import LayerConfig, SpargeConfig
+from .integrations import sdpa as _sdpa
+from .integrations._common import CallContext
 
 __all__ = ["calibrate", "calibrate_layer", "CalibrationResult", "LayerCalibration"]
 
@@ -252,7 +255,7 @@ def _search(prob: _Problem, H: int, device, target: float, sim: torch.Tensor, pv
 
 
 def _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps):
-    _fn._check_number(target, "target", 0.0, math.inf, lo_open=True)
+    _args.check_number(target, "target", 0.0, math.inf, lo_open=True)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     if mode not in MODES:
@@ -266,11 +269,11 @@ def _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share
         if not sims:
             raise ValueError("sim_candidates: needs at least one value")
         for x in sims:
-            _fn._check_number(x, "sim_candidates")
+            _args.check_number(x, "sim_candidates")
     pvs = tuple(pv_candidates or ())
     for x in pvs:
-        _fn._check_number(x, "pv_candidates", 0.0)
-    _fn._check_number(pv_share, "pv_share", 0.0, 1.0)
+        _args.check_number(x, "pv_candidates", 0.0)
+    _args.check_number(pv_share, "pv_share", 0.0, 1.0)
     if pv_share >= 1.0 and pvs:
         raise ValueError("pv_share: must be < 1 when pv_candidates are searched")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 30:
@@ -289,26 +292,18 @@ def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, 
     ``key_padding_mask``) and return the per-head choice with what it achieved.
     ``reference`` is the dense output (computed with torch SDPA when not given)."""
     sims, pvs = _check_options(target, metric, mode, sim_candidates, pv_candidates, pv_share, steps)
-    q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
-    causal = _fn._causal_mode(is_causal, causal_alignment)
-    s = _fn._resolve_scale(scale, q.shape[3])
-    _fn._check_precision(precision)
-    B, H, Lq, D = q.shape
-    kpad = None
-    if attn_mask is not None:
-        kpad, reason = _fn._key_padding(attn_mask, B, H, Lq, k.shape[2])
-        if reason is not None:
-            raise ValueError(f"attn_mask: calibration needs a mask sparge runs natively; this one is {reason}")
-    if key_padding_mask is not None:
-        if attn_mask is not None:
-            raise ValueError("key_padding_mask: give either attn_mask or key_padding_mask, not both")
-        kpad = _fn._check_key_padding_mask(key_padding_mask, B, k.shape[2], q.device)
-    reason = _fn._native_reason(q.device, D, v.shape[3], q.dtype, precision)
+    call = _args.resolve_call(query, key, value, layout=layout, enable_gqa=enable_gqa, is_causal=is_causal,
+                              causal_alignment=causal_alignment, scale=scale, precision=precision,
+                              attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+    q, k, v, s, H = call.q, call.k, call.v, call.scale, call.Hq
+    if call.mask.kind == _args.OTHER:
+        raise ValueError(f"attn_mask: calibration needs a mask sparge runs natively; this one is {call.mask.reason}")
+    reason = call.native_reason()
     if reason is not None:
         raise ValueError(f"query: sparge has no kernel for this call ({reason}); nothing to calibrate")
     if reference is None:
         with _suspended():
-            reference = _fn._sdpa_fallback(q, k, v, attn_mask, 0.0, causal, s, "bhsd", False, False, kpad)
+            reference = _fallback.sdpa(call, attn_mask)[0]
     elif layout == "bshd":
         reference = reference.transpose(1, 2)
     kw = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "is_causal": is_causal, "scale": s,
@@ -316,7 +311,7 @@ def calibrate_layer(query, key, value, attn_mask=None, is_causal: bool = False, 
     prob = _Problem(q, k, v, reference, kw, metric, mode)
     with torch.no_grad(), _suspended():
         if sims == "auto":
-            bq, bk = _fn._block_size(None, q, k, v, precision)
+            bq, bk = call.block_shape()
             sim = _auto_sims(q, k, bq, bk)
         else:
             sim = torch.tensor(sims, dtype=torch.float32, device=q.device)[None].expand(H, len(sims)).contiguous()
@@ -347,14 +342,43 @@ def _suspended():
         _state.suspended = prev
 
 
+@dataclass
+class _Captured:
+    """One attention call of the model, as it was made, with its dense output."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    dropout_p: float
+    is_causal: bool
+    scale: Optional[float]
+    enable_gqa: bool
+    layout: str
+    causal_alignment: str
+    key_padding_mask: Optional[torch.Tensor]
+    out: torch.Tensor  # what the model received
+
+    def dim(self, name: str, tensor: str = "query") -> int:
+        """The size of dimension "B", "H", "L" or "D" of query (or key) in the call's layout."""
+        i = "BHLD".index(name)
+        if self.layout == "bshd" and name in ("H", "L"):
+            i = 3 - i
+        return getattr(self, tensor).shape[i]
+
+
 class _Capture:
-    def __init__(self, model, on_call: Callable, orig_sdpa):
+    """The attention calls of a running model, by module path: SDPA calls of
+    this thread through the router ``patch_sdpa`` uses, and ``sparge.attn``
+    calls (models already routed to sparge) through its observer."""
+
+    def __init__(self, model, on_call: Callable[[str, _Captured], None]):
         self.model = model
         self.on_call = on_call
-        self.orig_sdpa = orig_sdpa
         self.stack: List[str] = []
         self.handles = []
         self.counter = 0
+        self.ctx = CallContext("<calibrate>", where="sparge.calibrate", capture=self.sdpa)
 
     def path(self) -> str:
         if self.stack:
@@ -384,13 +408,13 @@ class _Capture:
         if self.stack:
             self.stack.pop()
 
-    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        kw = {"enable_gqa": True} if enable_gqa else {}
-        out = self.orig_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                             scale=scale, **kw)
+    def sdpa(self, orig, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra):
+        """The router's capture hook: torch's SDPA runs, the call is calibrated on the way."""
+        out = orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                   enable_gqa=enable_gqa, **extra)
         if not getattr(_state, "suspended", False):
-            self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, "bhsd",
-                         "top_left", None, out)
+            self.on_call(self.path(), _Captured(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                enable_gqa, "bhsd", "top_left", None, out))
         return out
 
     def sparge_attn(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
@@ -399,15 +423,28 @@ class _Capture:
         returns the dense output, calibrating on the way."""
         if getattr(_state, "suspended", False):
             return None
-        q, k, v = _fn._check_qkv(query, key, value, layout, enable_gqa)
-        causal = _fn._causal_mode(is_causal, causal_alignment)
-        s = _fn._resolve_scale(scale, q.shape[3])
-        kpad = _fn._check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
+        call = _args.resolve_call(query, key, value, layout=layout, enable_gqa=enable_gqa, is_causal=is_causal,
+                                  causal_alignment=causal_alignment, scale=scale,
+                                  key_padding_mask=key_padding_mask)
         with _suspended():
-            out = _fn._sdpa_fallback(q, k, v, attn_mask, dropout_p, causal, s, layout, False, False, kpad)
-        self.on_call(self.path(), query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
-                     causal_alignment, key_padding_mask, out)
+            out = call.finish(_fallback.sdpa(call, attn_mask, dropout_p)[0])
+        self.on_call(self.path(), _Captured(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                            layout, causal_alignment, key_padding_mask, out))
         return out
+
+    @contextlib.contextmanager
+    def running(self):
+        """Capture while the body runs; everything is put back on exit, even when it raises."""
+        self.install()
+        _sdpa.enter(self.ctx)
+        prev_observer = _fn._observer
+        _fn._observer = self.sparge_attn
+        try:
+            yield self
+        finally:
+            _fn._observer = prev_observer
+            _sdpa.exit(self.ctx)
+            self.remove()
 
 
 def _merge(records: List[LayerCalibration]) -> LayerConfig:
@@ -416,6 +453,105 @@ def _merge(records: List[LayerCalibration]) -> LayerConfig:
     sel = torch.stack([r.selection for r in records]).amax(0)
     pv = torch.stack([r.pv_threshold for r in records]).amax(0)
     return _to_layer_config(records[0].mode, sim, sel, pv)
+
+
+class _Calibration:
+    """One ``calibrate`` run. Each captured call goes through the phases in
+    order: capture (which calls are calibrated), reference (the dense output
+    the search aims at, and the call in the form sparge runs natively),
+    candidate search (``calibrate_layer``); after the last input, choose (the
+    per-layer config)."""
+
+    def __init__(self, *, target, metric, mode, sims, pvs, pv_share, steps, layers, max_calls_per_layer,
+                 min_queries, precision, dense_above, bar):
+        self.target, self.metric, self.mode = target, metric, mode
+        self.sims, self.pvs, self.pv_share, self.steps = sims, pvs, pv_share, steps
+        self.layers, self.max_calls_per_layer, self.min_queries = layers, max_calls_per_layer, min_queries
+        self.precision, self.dense_above, self.bar = precision, dense_above, bar
+        self.records: List[LayerCalibration] = []
+        self.per_layer: Dict[str, int] = {}
+        self.skipped: Dict[str, int] = {}
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def on_call(self, path: str, c: _Captured) -> None:
+        reason = self.capture_filter(path, c)
+        if reason is not None:
+            return self.skip(reason)
+        try:
+            c = self.reference(c)
+            rec = self.search(path, c)
+        except ValueError as e:
+            return self.skip(str(e).split(";")[0])
+        self.records.append(rec)
+        self.per_layer[path] = self.per_layer.get(path, 0) + 1
+        if self.bar is not None:
+            self.bar.set_postfix(layers=len(self.per_layer), calls=len(self.records))
+
+    # phase 1: capture ------------------------------------------------------
+    def capture_filter(self, path: str, c: _Captured) -> Optional[str]:
+        """Why this call is not calibrated, None when it is."""
+        if self.layers is not None and not self.layers(path):
+            return "filtered out by layers"
+        if c.query.dim() != 4 or c.key.dim() != 4:
+            return "not 4-D"
+        if c.dropout_p and c.dropout_p > 0:
+            return "dropout"
+        if c.dim("L") < self.min_queries:
+            return "fewer than min_queries query rows"
+        if self.max_calls_per_layer is not None and self.per_layer.get(path, 0) >= self.max_calls_per_layer:
+            return "max_calls_per_layer reached"
+        return None
+
+    # phase 2: reference ----------------------------------------------------
+    @staticmethod
+    def reference(c: _Captured) -> _Captured:
+        """The call as sparge runs it, with the output to aim at. A causal LM's
+        padded batch (a boolean mask equal to causal pattern AND key padding)
+        becomes is_causal + key padding, which sparge runs natively; rows that
+        see no key give 0 there, so they are set to 0 in the reference too."""
+        if c.attn_mask is None or c.is_causal or c.key_padding_mask is not None:
+            return c
+        m = _args.classify_mask(c.attn_mask, c.dim("B"), c.dim("H"), c.dim("L"), c.dim("L", "key"), decompose=True)
+        if m.kind != _args.CAUSAL_AND_PADDING:
+            return c  # natively run, or refused by the search with the mask's reason
+        mask = c.attn_mask
+        seen = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).any(-1, keepdim=True)
+        out = c.out.masked_fill(~(seen if c.layout == "bhsd" else seen.transpose(1, 2)), 0.0)
+        return dataclasses.replace(c, attn_mask=None, is_causal=m.causal is not None,
+                                   causal_alignment=m.causal or "top_left", key_padding_mask=m.key_padding, out=out)
+
+    # phase 3: candidate search -----------------------------------------------
+    def search(self, path: str, c: _Captured) -> LayerCalibration:
+        enable_gqa = c.enable_gqa or c.dim("H") != c.dim("H", "key")
+        return calibrate_layer(c.query, c.key, c.value, c.attn_mask, c.is_causal, c.scale, enable_gqa,
+                               target=self.target, metric=self.metric, mode=self.mode, sim_candidates=self.sims,
+                               pv_candidates=self.pvs, pv_share=self.pv_share, steps=self.steps, layout=c.layout,
+                               causal_alignment=c.causal_alignment, precision=self.precision, reference=c.out,
+                               key_padding_mask=c.key_padding_mask, path=path)
+
+    # phase 4: choose -------------------------------------------------------
+    def choose(self) -> SpargeConfig:
+        """Per layer, the records merged (or dense above ``dense_above``)."""
+        by_path: Dict[str, List[LayerCalibration]] = {}
+        for r in self.records:
+            by_path.setdefault(r.path, []).append(r)
+        for path, recs in by_path.items():
+            if len({r.num_heads for r in recs}) > 1:
+                raise ValueError(f"model: layer {path!r} was called with different head counts "
+                                 f"{sorted({r.num_heads for r in recs})}")
+        layer_cfgs = {}
+        for p, rs in by_path.items():
+            thr = self.dense_above
+            if thr == "auto":
+                thr = 0.5 if rs[0].device_type == "cuda" else None
+            mean_density = sum(r.density.mean().item() for r in rs) / len(rs)
+            layer_cfgs[p] = (LayerConfig(topk=1.0, num_heads=rs[0].num_heads)
+                             if thr is not None and mean_density > thr else _merge(rs))
+        return SpargeConfig(layer_cfgs,
+                            metadata={"target": self.target, "metric": self.metric, "mode": self.mode,
+                                      "calls": {p: len(rs) for p, rs in by_path.items()}})
 
 
 def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any]] = None, target: float = 0.05,
@@ -433,8 +569,9 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
     ``run(model, x)`` when ``run`` is given, else ``model(*x)`` for a tuple,
     ``model(**x)`` for a dict, ``model(x)`` otherwise, under ``torch.no_grad()``.
     Attention calls are captured from ``torch.nn.functional.scaled_dot_product_attention``
-    and from ``sparge.attn`` (models already patched to sparge run dense while
-    calibrating). ``layers`` filters module paths; ``max_calls_per_layer``
+    (through the router ``sparge.patch_sdpa`` installs, so only the calls of
+    the thread running ``calibrate``) and from ``sparge.attn`` (models already
+    patched to sparge run dense while calibrating). ``layers`` filters module paths; ``max_calls_per_layer``
     bounds the calls calibrated per layer (e.g. diffusion steps); calls with
     fewer than ``min_queries`` query rows (decode steps) are skipped.
     A layer whose calibrated density (mean over heads and calls) exceeds
@@ -452,62 +589,13 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
         raise ValueError(f"dense_above: expected 'auto', None or a density in [0, 1], got {dense_above!r}")
     if not callable(model):
         raise TypeError(f"model: expected an nn.Module or a callable, got {type(model).__name__}")
-    records: List[LayerCalibration] = []
-    per_layer: Dict[str, int] = {}
-    skipped: Dict[str, int] = {}
     bar = _progress(inputs, progress)
-
-    def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-
-    def on_call(path, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout, alignment,
-                key_padding_mask, out):
-        if layers is not None and not layers(path):
-            return skip("filtered out by layers")
-        if query.dim() != 4 or key.dim() != 4:
-            return skip("not 4-D")
-        if dropout_p and dropout_p > 0:
-            return skip("dropout")
-        seq_dim = 2 if layout == "bhsd" else 1
-        if query.shape[seq_dim] < min_queries:
-            return skip("fewer than min_queries query rows")
-        if max_calls_per_layer is not None and per_layer.get(path, 0) >= max_calls_per_layer:
-            return skip("max_calls_per_layer reached")
-        ref = out
-        if attn_mask is not None and attn_mask.dtype == torch.bool and not is_causal and key_padding_mask is None:
-            # a causal LM's padded batch: causal pattern AND key padding, which
-            # sparge runs natively; rows that see no key give 0 there, so they
-            # are set to 0 in the captured reference too
-            s = 2 if layout == "bhsd" else 1
-            dec = _fn._decompose_bool_mask(attn_mask, query.shape[s], key.shape[s])
-            if dec is not None and (dec[0] is not None or _fn._key_padding(
-                    attn_mask, query.shape[0], 1, query.shape[s], key.shape[s])[1] is not None):
-                seen = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).any(-1, keepdim=True)
-                ref = out.masked_fill(~(seen if layout == "bhsd" else seen.transpose(1, 2)), 0.0)
-                alignment, key_padding_mask = dec[0] or "top_left", dec[1]
-                is_causal, attn_mask = dec[0] is not None, None
-        try:
-            head_dim = 1 if layout == "bhsd" else 2
-            rec = calibrate_layer(query, key, value, attn_mask, is_causal, scale,
-                                  enable_gqa or query.shape[head_dim] != key.shape[head_dim],
-                                  target=target, metric=metric, mode=mode, sim_candidates=sims, pv_candidates=pvs,
-                                  pv_share=pv_share, steps=steps, layout=layout, causal_alignment=alignment,
-                                  precision=precision, reference=ref, key_padding_mask=key_padding_mask, path=path)
-        except ValueError as e:
-            return skip(str(e).split(";")[0])
-        records.append(rec)
-        per_layer[path] = per_layer.get(path, 0) + 1
-        if bar is not None:
-            bar.set_postfix(layers=len(per_layer), calls=len(records))
-
-    orig = F.scaled_dot_product_attention
-    cap = _Capture(model, on_call, orig)
-    cap.install()
-    F.scaled_dot_product_attention = cap.sdpa
-    prev_observer = _fn._observer
-    _fn._observer = cap.sparge_attn
+    cal = _Calibration(target=target, metric=metric, mode=mode, sims=sims, pvs=pvs, pv_share=pv_share, steps=steps,
+                       layers=layers, max_calls_per_layer=max_calls_per_layer, min_queries=min_queries,
+                       precision=precision, dense_above=dense_above, bar=bar)
+    cap = _Capture(model, cal.on_call)
     try:
-        with torch.no_grad():
+        with cap.running(), torch.no_grad():
             for x in (bar if bar is not None else inputs):
                 cap.counter = 0  # a callable's calls are keyed by their order within one input
                 if run is not None:
@@ -519,33 +607,13 @@ def calibrate(model, inputs: Iterable, *, run: Optional[Callable[[Any, Any], Any
                 else:
                     model(x)
     finally:
-        F.scaled_dot_product_attention = orig
-        _fn._observer = prev_observer
-        cap.remove()
         if bar is not None:
             bar.close()
-    by_path: Dict[str, List[LayerCalibration]] = {}
-    for r in records:
-        by_path.setdefault(r.path, []).append(r)
-    for path, recs in by_path.items():
-        if len({r.num_heads for r in recs}) > 1:
-            raise ValueError(f"model: layer {path!r} was called with different head counts "
-                             f"{sorted({r.num_heads for r in recs})}")
-    layer_cfgs = {}
-    for p, rs in by_path.items():
-        thr = dense_above
-        if thr == "auto":
-            thr = 0.5 if rs[0].device_type == "cuda" else None
-        mean_density = sum(r.density.mean().item() for r in rs) / len(rs)
-        layer_cfgs[p] = (LayerConfig(topk=1.0, num_heads=rs[0].num_heads) if thr is not None and mean_density > thr
-                         else _merge(rs))
-    config = SpargeConfig(layer_cfgs,
-                          metadata={"target": target, "metric": metric, "mode": mode,
-                                    "calls": {p: len(rs) for p, rs in by_path.items()}})
-    if skipped:
-        log.info("sparge.calibrate: calls not calibrated: %s", skipped)
-    return CalibrationResult(config=config, records=records, target=target, metric=metric, mode=mode,
-                             skipped=skipped)
+    config = cal.choose()
+    if cal.skipped:
+        log.info("sparge.calibrate: calls not calibrated: %s", cal.skipped)
+    return CalibrationResult(config=config, records=cal.records, target=target, metric=metric, mode=mode,
+                             skipped=cal.skipped)
 
 
 def _progress(inputs, enabled: bool):

@@ -99,8 +99,8 @@ def _desc(t):
 def _predict_status(q, k, sim, sel, mask, *, scale=0.1, causal=0, mode=0, bq=32, bk=32, ws=1 << 20):
     holder = torch.empty(ws + 64, dtype=torch.uint8)
     addr = (holder.data_ptr() + 63) & ~63
-    return _C.predict(_desc(q), _desc(k), _desc(sim), _desc(sel), scale, causal, mode, 0, bq, bk, _desc(mask), addr,
-                      ws, 0)
+    return _C.predict(_desc(q), _desc(k), _desc(sim), _desc(sel), scale=scale, causal=causal, select_mode=mode,
+                      block_q=bq, block_k=bk, out_mask=_desc(mask), workspace=addr, workspace_bytes=ws)
 
 
 def test_abi_status_codes():
@@ -125,16 +125,18 @@ def test_abi_status_codes():
     assert _predict_status(q, k, sim, sel, mask, scale=math.nan) == _lib.INVALID_VALUE
     # a malformed descriptor (rank 5) is rejected, not read
     bad = (q.data_ptr(), 0, 1, 0, (1, 1, 1, 1, 1), (1, 1, 1, 1, 1))
-    assert _C.predict(bad, _desc(k), _desc(sim), _desc(sel), 0.1, 0, 0, 0, 32, 32, _desc(mask), 0, 0, 0) == \
-        _lib.INVALID_VALUE
+    assert _C.predict(bad, _desc(k), _desc(sim), _desc(sel), scale=0.1, block_q=32, block_k=32,
+                      out_mask=_desc(mask)) == _lib.INVALID_VALUE
     # a NULL data pointer
     null = (0,) + _desc(q)[1:]
-    assert _C.predict(null, _desc(k), _desc(sim), _desc(sel), 0.1, 0, 0, 0, 32, 32, _desc(mask), 0, 0, 0) == \
-        _lib.INVALID_VALUE and "data pointer" in _C.last_error()
+    assert _C.predict(null, _desc(k), _desc(sim), _desc(sel), scale=0.1, block_q=32, block_k=32,
+                      out_mask=_desc(mask)) == _lib.INVALID_VALUE and "data pointer" in _C.last_error()
     # block shape: int8 has no CPU kernel -> NOT_SUPPORTED; unsupported device type
-    assert _C.block_shape(1, 0, 64, 64, 0, 3)[0] == _lib.NOT_SUPPORTED
-    assert _C.block_shape(1, 0, 2048, 64, 0, 0)[0] == _lib.NOT_SUPPORTED
-    assert _C.device_supported(7, 0) == _lib.NOT_SUPPORTED
+    cpu, fp32 = _lib.DEVICE_CPU, _lib.dtype_code(torch.float32)
+    assert _C.block_shape(cpu, 0, head_dim=64, head_dim_v=64, dtype=fp32,
+                          precision=_lib.PRECISION_CODES["int8"])[0] == _lib.NOT_SUPPORTED
+    assert _C.block_shape(cpu, 0, head_dim=2048, head_dim_v=64, dtype=fp32)[0] == _lib.NOT_SUPPORTED
+    assert _C.device_supported(7, device_id=0) == _lib.NOT_SUPPORTED
     assert _C.status_string(_lib.WORKSPACE_TOO_SMALL) == "SPARGE_ERROR_WORKSPACE_TOO_SMALL"
 
 
@@ -147,9 +149,11 @@ def test_abi_attention_status_codes():
         a = dict(q=q, k=k, v=v, mask=mask, kpad=None, pv=None, scale=0.1, causal=0, precision=0, bq=128, bk=64,
                  group=16, out=out, lse=None, stats=None)
         a.update(kw)
-        return _C.block_sparse_attn(_desc(a["q"]), _desc(a["k"]), _desc(a["v"]), _desc(a["mask"]), _desc(a["kpad"]),
-                                    _desc(a["pv"]), a["scale"], a["causal"], a["precision"], a["bq"], a["bk"],
-                                    a["group"], _desc(a["out"]), _desc(a["lse"]), _desc(a["stats"]), 0, 0, 0)
+        return _C.block_sparse_attn(_desc(a["q"]), _desc(a["k"]), _desc(a["v"]), _desc(a["mask"]),
+                                    key_padding=_desc(a["kpad"]), pv_threshold=_desc(a["pv"]), scale=a["scale"],
+                                    causal=a["causal"], precision=a["precision"], block_q=a["bq"], block_k=a["bk"],
+                                    pv_group=a["group"], out=_desc(a["out"]), out_lse=_desc(a["lse"]),
+                                    out_stats=_desc(a["stats"]))
 
     assert call() == _lib.SUCCESS
     assert call(group=0) == _lib.INVALID_VALUE and "pv_group" in _C.last_error()
@@ -163,6 +167,15 @@ def test_abi_attention_status_codes():
     assert call(v=v[:, :1]) == _lib.INVALID_VALUE and "v:" in _C.last_error()
     assert call(q=q.transpose(2, 3).contiguous().transpose(2, 3)) == _lib.INVALID_VALUE
     assert "stride" in _C.last_error()
+
+
+def test_bindings_take_keyword_arguments():
+    q, k, v = (_desc(t) for t in _qkv(Lq=64, Lk=64))
+    with pytest.raises(TypeError):  # the params-struct fields are keyword-only
+        _C.attn_workspace_size(q, k, v, 0.1, 0, 0, 128, 64, 16)
+    status, _ = _C.attn_workspace_size(q, k, v, scale=0.1, block_q=128, block_k=64, pv_group=16)
+    assert status == _lib.SUCCESS
+    assert _C.predict_workspace_size(q, k, scale=0.1, block_q=32, block_k=32)[0] == _lib.SUCCESS
 
 
 # --------------------------------------------------------------------------
@@ -231,7 +244,8 @@ def test_non_contiguous_last_dim_is_copied_by_attn():
 
 def test_block_shape_from_c():
     assert sparge.block_shape("cpu", 128) == (128, 64)
-    assert _C.block_shape(1, 0, 128, 128, 0, 0)[1:3] == (128, 64)
+    assert _C.block_shape(_lib.DEVICE_CPU, 0, head_dim=128, head_dim_v=128,
+                          dtype=_lib.dtype_code(torch.float32))[1:3] == (128, 64)
 
 
 # --------------------------------------------------------------------------
@@ -318,7 +332,7 @@ def test_key_padding_mask_with_causal(alignment):
 
 
 def test_decompose_bool_mask():
-    from sparge.functional import _decompose_bool_mask
+    from sparge._args import decompose_mask as _decompose_bool_mask
 
     pad = torch.ones(2, 50, dtype=torch.bool)
     pad[1, :7] = False

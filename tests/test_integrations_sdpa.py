@@ -111,6 +111,38 @@ def test_sparge_fallback_inside_scope_does_not_recurse():
     assert torch.allclose(out, ORIGINAL(q, k, v), atol=1e-6)
 
 
+def test_one_fallback_counter_for_sparge_and_the_integrations():
+    assert fallback_counts is sparge.fallback_counts and reset_fallback_counts is sparge.reset_fallback_counts
+    q, k, v = _qkv()
+    with pytest.warns(RuntimeWarning):
+        with sparge.patch_sdpa(topk=0.5):
+            F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)  # the router's fallback
+        sparge.attn(q, k, v, precision="int8")  # sparge.attn's (no int8 kernel on the CPU)
+    keys = sorted(sparge.fallback_counts())
+    assert len(keys) == 2, keys
+    assert keys[0].startswith("patch_sdpa: dropout") and keys[1].startswith("sparge.attn: "), keys
+    reset_fallback_counts()
+    assert sparge.fallback_counts() == {}
+
+
+def test_calibrate_captures_through_the_router():
+    """calibrate opens a router scope (it does not swap SDPA itself): only its
+    thread's calls are captured, and the router is gone afterwards."""
+    q, k, v = _qkv(L=128)
+    seen = []
+
+    def model(x):
+        seen.append(ssdpa.is_patched())
+        other = threading.Thread(target=lambda: F.scaled_dot_product_attention(q, k, v))
+        other.start()
+        other.join()
+        return F.scaled_dot_product_attention(*x)
+
+    res = sparge.calibrate(model, [[q, k, v]], progress=False, steps=2)
+    assert seen == [True] and not ssdpa.is_patched()
+    assert res.config.metadata["calls"] == {"attention.0": 1}
+
+
 def test_nested_scopes_innermost_wins():
     q, k, v = _qkv(L=640)
     outer = sparge.patch_sdpa(topk=1.0, record_stats=True)

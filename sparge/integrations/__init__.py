@@ -10,7 +10,7 @@
 Importing this package imports neither transformers nor diffusers; the
 submodules import them when used.
 """
-from ._common import fallback_counts, reset_fallback_counts
+from .._fallback import fallback_counts, reset_fallback_counts  # the same counter as sparge.fallback_counts
 from .sdpa import patch_sdpa
 
 __all__ = ["patch_sdpa", "fallback_counts", "reset_fallback_counts"]

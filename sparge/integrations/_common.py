@@ -1,6 +1,8 @@
 """What the integrations share: option checks, the per-call context (module
 path, layer config, Hilbert grid, stats), the sparse call with causal + key
-padding, density bookkeeping and once-per-reason fallback warnings.
+padding, density bookkeeping and once-per-message warnings. Fallbacks are
+counted by ``sparge._fallback.note_fallback`` (one counter for sparge and the
+integrations, ``sparge.fallback_counts()``).
 
 Nothing here imports transformers or diffusers.
 """
@@ -23,39 +25,14 @@ ATTN_OPTIONS = ("topk", "cdf_threshold", "sim_threshold", "pv_threshold", "atten
                 "auto_dense")
 _SELECTION = ("topk", "cdf_threshold")
 
-_fallbacks: Counter = Counter()
-_fallback_lock = threading.Lock()
-
-
-def fallback_counts() -> Dict[str, int]:
-    """How often each integration fallback reason was taken (see also ``sparge.fallback_counts()``)."""
-    with _fallback_lock:
-        return dict(_fallbacks)
-
-
-def reset_fallback_counts() -> None:
-    with _fallback_lock:
-        _fallbacks.clear()
-
-
-def note_fallback(where: str, reason: str) -> None:
-    """Count a fallback and warn the first time this reason is seen."""
-    key = f"{where}: {reason}"
-    with _fallback_lock:
-        first = key not in _fallbacks
-        _fallbacks[key] += 1
-    if first:
-        warnings.warn(f"sparge: {where} falls back to the dense implementation: {reason}", RuntimeWarning,
-                      stacklevel=3)
-
-
 _notes: set = set()
+_notes_lock = threading.Lock()
 
 
 def note_once(where: str, message: str) -> None:
     """Warn once per message (things that are not a dense fallback)."""
     key = f"{where}: {message}"
-    with _fallback_lock:
+    with _notes_lock:
         first = key not in _notes
         _notes.add(key)
     if first:
@@ -152,11 +129,11 @@ class StatsRecorder:
 class CallContext:
     """What a routed attention call needs to know about its caller."""
 
-    __slots__ = ("path", "config", "options", "grid", "text_first", "stats", "where")
+    __slots__ = ("path", "config", "options", "grid", "text_first", "stats", "where", "capture")
 
     def __init__(self, path: Optional[str] = None, config=None, options: Optional[Dict[str, Any]] = None,
                  grid: Optional[Tuple[int, ...]] = None, text_first: Optional[bool] = None,
-                 stats: Optional[StatsRecorder] = None, where: str = "sparge"):
+                 stats: Optional[StatsRecorder] = None, where: str = "sparge", capture=None):
         self.path = path
         self.config = config          # a LayerConfig (already looked up) or None
         self.options = options or {}
@@ -164,6 +141,9 @@ class CallContext:
         self.text_first = text_first
         self.stats = stats
         self.where = where
+        # sparge.calibrate: capture(original_sdpa, query, key, value, attn_mask, dropout_p, is_causal, scale,
+        # enable_gqa, extra) runs every SDPA call of the scope instead of routing it to sparge
+        self.capture = capture
 
 
 _local = threading.local()

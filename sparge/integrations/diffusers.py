@@ -46,9 +46,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .._fallback import note_fallback
 from . import _common
 from . import sdpa as _sdpa
-from ._common import CallContext, StatsRecorder, note_fallback
+from ._common import CallContext, StatsRecorder
 
 __all__ = ["register", "apply", "remove", "density", "backend_member", "NAME"]
 

@@ -21,7 +21,12 @@ Calls the router sends to the original function: tensors that are not 4-D
 other than boolean key padding (broadcastable to ``[B, 1, 1, Lk]``),
 ``dropout_p > 0``, inputs that need gradients (sparge is inference-only), and
 anything SDPA itself would reject. Each reason is counted
-(``sparge.integrations.fallback_counts()``) and warned about once.
+(``sparge.fallback_counts()``, keys ``"patch_sdpa: <reason>"``) and warned
+about once.
+
+``sparge.calibrate`` opens its scopes through the same router (``enter``/``exit``
+with a capturing context): the calls of the calibrating thread run torch's
+SDPA and are calibrated on the way.
 
 Code that bound the function before the scope opened
 (``from torch.nn.functional import scaled_dot_product_attention``) keeps the
@@ -38,7 +43,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import CallContext, StatsRecorder, check_options, note_fallback, run_sdpa_like
+from .._fallback import note_fallback
+from ._common import CallContext, StatsRecorder, check_options, run_sdpa_like
 
 __all__ = ["patch_sdpa", "original_sdpa", "is_patched"]
 
@@ -183,6 +189,13 @@ def _router(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
         return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                     enable_gqa=enable_gqa, **extra)
     ctx = stack[-1]
+    if ctx.capture is not None:
+        # sparge.calibrate's scope: every call, supported or not, is seen and runs dense
+        _local.busy = True  # calibration's own SDPA calls must reach the original
+        try:
+            return ctx.capture(orig, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra)
+        finally:
+            _local.busy = False
     reason = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
     if reason is not None:
         note_fallback(ctx.where, reason)

@@ -41,9 +41,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .. import functional
+from .. import _args
+from .._fallback import note_fallback
 from . import _common
-from ._common import CallContext, StatsRecorder, note_fallback
+from ._common import CallContext, StatsRecorder
 
 __all__ = ["register", "apply", "remove", "attention_forward", "mask_function", "NAME", "density"]
 
@@ -148,10 +149,11 @@ def _decompose(mask: torch.Tensor, Lq: int, Lk: int):
     if torch.compiler.is_compiling():
         return None
     # no note: compare against the three candidate patterns (one sync, cached on the mask)
-    dec = functional._decompose_bool_mask(mask, Lq, Lk)
+    m = _args.classify_mask(mask, mask.shape[0], 1, Lq, Lk, decompose=True, strict=False)
     result = None
-    if dec is not None:
-        result = (None if Lq == 1 and dec[0] == "bottom_right" else dec[0], dec[1], Lk)
+    if m.kind in (_args.KEY_PADDING, _args.CAUSAL_AND_PADDING):
+        # a copy, not a view: the result is cached on the mask itself
+        result = (None if Lq == 1 and m.causal == "bottom_right" else m.causal, m.key_padding.clone(), Lk)
     try:
         setattr(mask, _INFO, ("decomposed", result))
     except (AttributeError, RuntimeError):  # tensor subclasses that refuse attributes

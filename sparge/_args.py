@@ -1,0 +1,442 @@
+"""One argument path for every entry point: ``resolve_call`` checks an
+attention call's arguments and returns the resolved call (``Call``), and
+``classify_mask`` says what an ``attn_mask`` is. ``sparge.attn``,
+``predict``, ``block_sparse_attn``, calibration and the integrations all go
+through here, so a rule (a message, a default, a broadcast) exists once.
+
+Bad input raises ValueError/TypeError naming the argument. Nothing here
+imports inside a function: ``attn`` runs under ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from . import _lib, reference
+from . import config as _config
+
+Hyper = Union[float, torch.Tensor]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PRECISIONS = ("auto", "fp16", "bf16", "int8")
+LAYOUTS = ("bhsd", "bshd")
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+class _DefaultTopk(float):
+    """topk's default (0.5), distinguishable from a topk the caller passed."""
+
+
+TOPK_DEFAULT = _DefaultTopk(0.5)
+
+
+class _Absent:
+    """An argument the entry point does not have (prediction has no value,
+    the sparse kernel alone no block selection)."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------
+# Single arguments
+# --------------------------------------------------------------------------
+def check_tensor(t, name: str, ndim: int = 4) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not float16, bfloat16 or float32")
+    if any(s == 0 for s in t.shape):
+        raise ValueError(f"{name}: has a zero-size dimension, shape {tuple(t.shape)}")
+
+
+def check_qkv(q, k, v, layout: str, enable_gqa: bool):
+    """Returns [B, H, L, D] views of q, k, v (no copies); v may be None."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    check_tensor(q, "query")
+    check_tensor(k, "key")
+    if v is not None:
+        check_tensor(v, "value")
+    for t, name in ((k, "key"), (v, "value")):
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from query's {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device} but query is on {q.device}")
+    if layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.transpose(1, 2) if v is not None else None
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"key: batch size {k.shape[0]} differs from query's {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"key: head dim {k.shape[3]} differs from query's {D}")
+    Hkv = k.shape[1]
+    if v is not None:
+        if v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != k.shape[2]:
+            raise ValueError(f"value: shape {tuple(v.shape)} does not match key's {tuple(k.shape)} "
+                             "in batch, heads and length")
+    if Hq % Hkv != 0:
+        raise ValueError(f"key: {Hq} query heads are not a multiple of {Hkv} key/value heads")
+    if Hq != Hkv and not enable_gqa:
+        raise ValueError(f"enable_gqa: query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for GQA/MQA")
+    return q, k, v
+
+
+def check_number(x, name: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+                 allow_inf: bool = False) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x) or (math.isinf(x) and not allow_inf):
+        raise ValueError(f"{name}: {x} is not finite")
+    if x < lo or x > hi or (lo_open and x == lo):
+        lo_b = "(" if lo_open else "["
+        raise ValueError(f"{name}: {x} is outside {lo_b}{lo}, {hi}]")
+
+
+def head_param(x: Hyper, name: str, H: int, device: torch.device, lo: float = -math.inf, hi: float = math.inf,
+               lo_open: bool = False, allow_inf: bool = False) -> torch.Tensor:
+    """A float or a per-head tensor as a float32 [H] tensor on device."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: per-head tensor must be floating point, got {x.dtype}")
+        if x.dim() > 1 or (x.dim() == 1 and x.shape[0] not in (1, H)):
+            raise ValueError(f"{name}: per-head tensor must have shape [{H}] (one value per query head), "
+                             f"got {tuple(x.shape)}")
+        if x.device.type != "cpu" and x.device != device:
+            raise ValueError(f"{name}: on {x.device} but query is on {device}")
+        t = x.to(device=device, dtype=torch.float32).reshape(-1).expand(H)
+        if x.device.type == "cpu" and not compiling():  # checking device data would synchronize
+            bad = torch.isnan(t) | (torch.isinf(t) & (not allow_inf)) | (t < lo) | (t > hi) | ((t == lo) & lo_open)
+            if bool(bad.any()):
+                raise ValueError(f"{name}: per-head values must lie in {'(' if lo_open else '['}{lo}, {hi}] "
+                                 f"and be {'non-NaN' if allow_inf else 'finite'}, got {x.tolist()}")
+        return t.contiguous()
+    check_number(x, name, lo, hi, lo_open, allow_inf)
+    return _constant_vector(float(x), H, device)
+
+
+_constants: Dict[Tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+def _constant_vector(x: float, H: int, device: torch.device) -> torch.Tensor:
+    """A read-only float32 [H] tensor filled with x, cached per device so that a
+    call makes no fill launches (not while compiling or capturing a graph,
+    where a cached tensor could outlive its memory pool)."""
+    if compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((H,), x, dtype=torch.float32, device=device)
+    key = (x, H, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) > 512:
+            _constants.clear()
+        t = _constants[key] = torch.full((H,), x, dtype=torch.float32, device=device)
+    return t
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+
+
+def check_flag(x, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
+    return x
+
+
+def resolve_scale(scale, D: int) -> float:
+    if scale is None:
+        return D ** -0.5
+    check_number(scale, "scale")
+    return float(scale)
+
+
+def causal_mode(is_causal: bool, causal_alignment: str) -> Optional[str]:
+    check_flag(is_causal, "is_causal")
+    if causal_alignment not in ALIGNMENTS:
+        raise ValueError(f"causal_alignment: expected one of {ALIGNMENTS}, got {causal_alignment!r}")
+    return causal_alignment if is_causal else None
+
+
+def selection(topk, cdf_threshold):
+    """(select_mode, value) from topk / cdf_threshold; exactly one is used."""
+    topk_given = topk is not TOPK_DEFAULT and topk is not None
+    if cdf_threshold is not None:
+        if topk_given:
+            raise ValueError("topk: give either topk or cdf_threshold, not both")
+        return _lib.SELECT_CDF, cdf_threshold
+    if topk is None:
+        raise ValueError("topk: one of topk and cdf_threshold is required")
+    return _lib.SELECT_TOPK, (0.5 if topk is TOPK_DEFAULT else topk)
+
+
+def check_key_padding_mask(key_padding_mask, B: int, Lk: int, device) -> Optional[torch.Tensor]:
+    """A [B, Lk] bool view (True = attend) of a broadcastable key-padding mask."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError("key_padding_mask: expected a bool tensor [B, Lk]")
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask: on {key_padding_mask.device} but query is on {device}")
+    try:
+        return key_padding_mask.expand(B, Lk)
+    except RuntimeError:
+        raise ValueError(f"key_padding_mask: shape {tuple(key_padding_mask.shape)} does not broadcast to "
+                         f"[B, Lk] = [{B}, {Lk}]") from None
+
+
+# --------------------------------------------------------------------------
+# The mask classifier
+# --------------------------------------------------------------------------
+NO_MASK = "none"
+KEY_PADDING = "key_padding"                # broadcastable to [B, 1, 1, Lk]: runs natively
+CAUSAL_AND_PADDING = "causal_and_padding"  # (causal pattern or none) AND key padding, spelled out over queries
+OTHER = "other"                            # anything else: the SDPA fallback
+
+
+class MaskInfo(NamedTuple):
+    """What an ``attn_mask`` is, for a call of shape [B, H, Lq, Lk]."""
+
+    kind: str
+    key_padding: Optional[torch.Tensor] = None  # [B, Lk] bool, True = attend (KEY_PADDING, CAUSAL_AND_PADDING)
+    causal: Optional[str] = None                # CAUSAL_AND_PADDING: the pattern's alignment, None for none
+    reason: Optional[str] = None                # OTHER: why it needs the SDPA fallback
+
+
+def classify_mask(attn_mask, B: int, H: int, Lq: int, Lk: int, *, decompose: bool = False,
+                  strict: bool = True) -> MaskInfo:
+    """What ``attn_mask`` is. A mask that is not a tensor, has more than 4
+    dimensions or does not broadcast to [B, H, Lq, Lk] raises (``strict``) or
+    is OTHER. A boolean mask that varies over queries is compared against the
+    causal patterns only with ``decompose`` (reads its values: one host
+    synchronization)."""
+    if attn_mask is None:
+        return MaskInfo(NO_MASK)
+    if not isinstance(attn_mask, torch.Tensor):
+        if strict:
+            raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        return MaskInfo(OTHER, reason="an attn_mask that is not a tensor")
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() > 4:
+        if strict:
+            raise ValueError(f"attn_mask: has {attn_mask.dim()} dimensions, at most 4 broadcast to [B, H, Lq, Lk]")
+        return MaskInfo(OTHER, reason="an attn_mask of more than 4 dimensions")
+    full = (1,) * (4 - len(shape)) + shape
+    for have, want, what in zip(full, (B, H, Lq, Lk), ("B", "H", "Lq", "Lk")):
+        if have not in (1, want):
+            if strict:
+                raise ValueError(f"attn_mask: shape {shape} does not broadcast to [B, H, Lq, Lk] = "
+                                 f"[{B}, {H}, {Lq}, {Lk}] (dimension {what})")
+            return MaskInfo(OTHER, reason="an attn_mask that does not broadcast to the call")
+    if attn_mask.dtype != torch.bool:
+        return MaskInfo(OTHER, reason="a float attn_mask (only boolean key-padding masks run natively)")
+    if full[1] == 1 and full[2] == 1:
+        return MaskInfo(KEY_PADDING, key_padding=attn_mask.reshape(full[0], Lk).expand(B, Lk))
+    if decompose:
+        dec = decompose_mask(attn_mask, Lq, Lk)
+        if dec is not None:
+            return MaskInfo(CAUSAL_AND_PADDING, key_padding=dec[1].expand(B, Lk), causal=dec[0])
+    return MaskInfo(OTHER, reason="a boolean attn_mask that varies over heads or queries (only key padding "
+                                  "runs natively)")
+
+
+def decompose_mask(mask: torch.Tensor, Lq: int, Lk: int):
+    """(causal alignment or None, key padding [B, Lk]) when a boolean mask
+    broadcastable to [B, 1, Lq, Lk] equals (causal pattern) AND (key padding),
+    as padded batches of causal LMs build them; None for any other mask. Reads
+    the mask's values (one host synchronization)."""
+    if mask.dtype != torch.bool or mask.dim() > 4:
+        return None
+    full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if full[1] != 1 or full[2] not in (1, Lq) or full[3] != Lk:
+        return None
+    m = mask.reshape(full[0], full[2], Lk)
+    kp = m.any(dim=1)  # [B, Lk]: keys some query sees
+    candidates = (None, "top_left", "bottom_right")
+    hits = []
+    for alignment in candidates:  # one at a time: at most two [B, Lq, Lk] temporaries alive
+        want = kp[:, None, :]
+        if alignment is not None:
+            want = want & reference.visible_keys(Lq, Lk, alignment, mask.device)[None]
+        hits.append((m == want).all())
+    for alignment, hit in zip(candidates, torch.stack(hits).tolist()):  # one host synchronization
+        if hit:
+            return alignment, kp
+    return None
+
+
+# --------------------------------------------------------------------------
+# The resolved call
+# --------------------------------------------------------------------------
+@dataclass
+class Call:
+    """One attention call, checked and resolved: what every entry point
+    computes from its arguments before choosing a kernel or a fallback."""
+
+    q: torch.Tensor                      # [B, Hq, Lq, D], a view of query (no copy)
+    k: torch.Tensor                      # [B, Hkv, Lk, D]
+    v: Optional[torch.Tensor]            # [B, Hkv, Lk, Dv]; None for prediction alone
+    layout: str                          # the caller's layout, which the output goes back to
+    causal: Optional[str]                # None, "top_left" or "bottom_right" (the alignment)
+    scale: float
+    precision: str
+    dropout_p: float = 0.0
+    attn_mask: Optional[torch.Tensor] = None     # as given (the SDPA fallback takes it)
+    mask: MaskInfo = MaskInfo(NO_MASK)           # what attn_mask is
+    key_padding: Optional[torch.Tensor] = None   # [B, Lk] bool, True = attend (from either mask argument)
+    select_mode: int = _lib.SELECT_TOPK
+    selection: Any = None                        # topk or cdf_threshold as given (float or tensor)
+    select_param: Optional[torch.Tensor] = None  # [Hq] float32 tau or rho
+    sim_threshold: Optional[torch.Tensor] = None  # [Hq] float32
+    pv_threshold: Optional[torch.Tensor] = None   # [Hq] float32; None: PV skip off
+    return_lse: bool = False
+    return_stats: bool = False
+
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def Hq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def Hkv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def Lq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def Lk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def Dv(self) -> int:
+        return self.v.shape[3] if self.v is not None else self.q.shape[3]
+
+    @property
+    def causal_code(self) -> int:
+        return _lib.CAUSAL_CODES[self.causal]
+
+    def kernel(self) -> Tuple[int, int, int, int]:
+        """(block_q, block_k, pv_group, precision code) of the kernel for this call."""
+        return _lib.kernel_config(self.q.device, self.D, self.Dv, self.q.dtype, self.precision)
+
+    def native_reason(self) -> Optional[str]:
+        """None when a sparge kernel runs this call, else why not."""
+        try:
+            self.kernel()
+        except _lib.NotSupportedError as e:
+            return str(e)
+        return None
+
+    def block_shape(self, block_size=None) -> Tuple[int, int]:
+        """(BQ, BK): ``block_size`` when given, else the kernel's (the CPU
+        backend's where this device has no kernel: the reference uses it)."""
+        if block_size is not None:
+            if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+                    or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
+                raise ValueError(f"block_size: expected (BQ, BK) positive ints, got {block_size!r}")
+            return int(block_size[0]), int(block_size[1])
+        try:
+            bq, bk, _, _ = self.kernel()
+        except _lib.NotSupportedError:
+            bq, bk, _, _ = _lib.kernel_config(torch.device("cpu"), self.D, self.Dv, self.q.dtype, "auto")
+        return bq, bk
+
+    def finish(self, out: torch.Tensor, lse=None, stats=None):
+        """The caller's result: ``out`` back in its layout, with ``lse`` and
+        the stats dict when asked."""
+        if self.layout == "bshd":
+            out = out.transpose(1, 2)  # [B, Lq, Hq, Dv]
+        if not self.return_lse and not self.return_stats:
+            return out
+        res = (out,)
+        if self.return_lse:
+            res += (lse,)
+        if self.return_stats:
+            res += (stats_dict(stats),)
+        return res
+
+
+STAT_NAMES = ("blocks_allowed", "blocks_kept", "pv_units", "pv_skipped")
+
+
+def stats_dict(stats: torch.Tensor) -> Dict[str, torch.Tensor]:
+    d = {name: stats[..., i] for i, name in enumerate(STAT_NAMES)}
+    d["density"] = d["blocks_kept"].double() / d["blocks_allowed"].clamp(min=1).double()
+    d["pv_skip_fraction"] = d["pv_skipped"].double() / d["pv_units"].clamp(min=1).double()
+    return d
+
+
+def resolve_call(query, key, value, *, layout: str = "bhsd", enable_gqa: bool = False, is_causal: bool = False,
+                 causal_alignment: str = "top_left", scale=None, precision: str = "auto", dropout_p: float = 0.0,
+                 attn_mask=None, key_padding_mask=None, config: Any = None, topk=ABSENT, cdf_threshold=None,
+                 sim_threshold=ABSENT, pv_threshold: Optional[Hyper] = None, return_lse: bool = False,
+                 return_stats: bool = False) -> Call:
+    """Check an attention call's arguments and resolve them: [B, H, L, D]
+    views, the causal alignment, the scale, the key padding from either mask
+    argument, per-head float32 [Hq] hyperparameters (``config`` overriding
+    the keywords). ``value=None``: prediction alone; ``topk``/``sim_threshold``
+    left ``ABSENT``: the entry point selects no blocks (the sparse kernel alone)."""
+    q, k, v = check_qkv(query, key, value, layout, enable_gqa)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    if config is not None:
+        over = _config.resolve(config, Hq, q.device)
+        sim_threshold = over.get("sim_threshold", sim_threshold)
+        pv_threshold = over.get("pv_threshold", pv_threshold)
+        if over.get("cdf_threshold") is not None:
+            cdf_threshold, topk = over["cdf_threshold"], TOPK_DEFAULT
+        elif over.get("topk") is not None:
+            topk, cdf_threshold = over["topk"], None
+    causal = causal_mode(is_causal, causal_alignment)
+    s = resolve_scale(scale, D)
+    check_number(dropout_p, "dropout_p", 0.0, 1.0)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p: {dropout_p} must be < 1")
+    call = Call(q, k, v, layout, causal, s, precision, dropout_p=dropout_p, attn_mask=attn_mask)
+    if topk is not ABSENT:
+        call.select_mode, call.selection = selection(topk, cdf_threshold)
+        call.select_param = head_param(call.selection, "topk" if call.select_mode == _lib.SELECT_TOPK
+                                       else "cdf_threshold", Hq, q.device, 0.0, 1.0, lo_open=True)
+    if sim_threshold is not ABSENT:
+        call.sim_threshold = head_param(sim_threshold, "sim_threshold", Hq, q.device)
+    if pv_threshold is not None:
+        call.pv_threshold = head_param(pv_threshold, "pv_threshold", Hq, q.device, 0.0, allow_inf=True)
+    call.return_lse = check_flag(return_lse, "return_lse")
+    call.return_stats = check_flag(return_stats, "return_stats")
+    check_precision(precision)
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask: cannot be combined with is_causal=True (as in SDPA)")
+        call.mask = classify_mask(attn_mask, B, Hq, Lq, Lk)
+        call.key_padding = call.mask.key_padding
+    if key_padding_mask is not None:
+        if attn_mask is not None:
+            raise ValueError("key_padding_mask: give either attn_mask or key_padding_mask, not both")
+        call.key_padding = check_key_padding_mask(key_padding_mask, B, Lk, q.device)
+    return call
