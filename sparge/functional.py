@@ -183,12 +183,18 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
 # and under a density where the sparse kernel beats torch's best dense kernel.
 # Measured on H100 (benchmarks/NOTES.md), top-k 0.25: at ~0.07 TFLOP (H=32,
 # L=2048, D=128) sparse and cuDNN tie (0.111 vs 0.116 ms), at ~0.14 TFLOP
-# (L=4096 causal) sparse wins (0.221 vs 0.275 ms); cuDNN's Hopper kernel is
-# ~1.9x our sm80-style kernel, so top-k above ~0.45 loses there; on sm80/sm89
-# our kernel matches FlashAttention-2.
+# (L=4096 causal) sparse wins (0.221 vs 0.275 ms). The top-k above which dense
+# wins depends on the kernel the registry runs, which block_shape's pv_group
+# tells apart: on sm90 the wgmma kernel (pv_group 64, D 64/128) runs dense at
+# 0.90x (D=128) / 0.73x (D=64) of cuDNN and scales linearly with density
+# (H200, benchmarks/NOTES.md "Hopper kernel"), so sparse wins up to top-k ~0.85
+# / ~0.65; the sm80-style kernel there (other head dims) is ~1.9x slower than
+# cuDNN, so top-k above ~0.45 loses; on sm80/sm89 it matches FlashAttention-2.
 _AUTO_DENSE_MIN_FLOP = 1e11
 _AUTO_DENSE_TOPK = {9: 0.45}
+_AUTO_DENSE_TOPK_SM90_WGMMA = {64: 0.65, 128: 0.85}
 _AUTO_DENSE_TOPK_DEFAULT = 0.9
+_SM90_WGMMA_PV_GROUP = 64
 
 
 def _dense_pays(q, k, causal, mode, sel) -> bool:
@@ -201,5 +207,13 @@ def _dense_pays(q, k, causal, mode, sel) -> bool:
     if mode != _lib.SELECT_TOPK or isinstance(sel, torch.Tensor):
         return False
     major = _lib.device_capability(q.device)[0]
-    return float(sel) >= _AUTO_DENSE_TOPK.get(major, _AUTO_DENSE_TOPK_DEFAULT)
+    limit = _AUTO_DENSE_TOPK.get(major, _AUTO_DENSE_TOPK_DEFAULT)
+    if major == 9 and D in _AUTO_DENSE_TOPK_SM90_WGMMA:
+        try:
+            group = _lib.kernel_config(q.device, D, D, q.dtype, "auto")[2]
+        except (_lib.NotSupportedError, ValueError):
+            group = 0
+        if group == _SM90_WGMMA_PV_GROUP:
+            limit = _AUTO_DENSE_TOPK_SM90_WGMMA[D]
+    return float(sel) >= limit
 

@@ -99,6 +99,36 @@ def test_kernel_head_dims_dtypes_gqa(D, dtype, ratio):
 
 
 @needs_kernels
+def test_kernel_fuzz_vs_reference():
+    """120 random configurations of the kernel the registry picks here (the sm90
+    kernel for D in {64, 128} on sm90, the sm80 one otherwise) against the fp32
+    reference: odd lengths, GQA, causal both ways, key padding, bshd strides,
+    both dtypes, random masks (empty rows included)."""
+    g = torch.Generator().manual_seed(1234)
+
+    def pick(xs):
+        return xs[int(torch.randint(len(xs), (1,), generator=g))]
+
+    for i in range(120):
+        D = pick([64, 128, 64, 128, 96])
+        dtype = pick(DTYPES)
+        ratio = pick([1, 2, 4])
+        Hkv = pick([1, 2])
+        B = pick([1, 2])
+        Lq = int(torch.randint(1, 700, (1,), generator=g))
+        Lk = int(torch.randint(1, 900, (1,), generator=g))
+        causal = pick([None, "top_left", "bottom_right"])
+        layout = pick(["bhsd", "bshd"])
+        q, k, v = _qkv(B, Hkv * ratio, Hkv, Lq, Lk, D, dtype, layout=layout)
+        bq, bk = sparge.block_shape(DEV, D, dtype=dtype)
+        density = pick([0.1, 0.5, 0.9, 1.0])
+        mask = torch.rand(B, Hkv * ratio, -(-Lq // bq), -(-Lk // bk), generator=g).to(DEV) < density
+        kpad = (torch.rand(B, Lk, generator=g) < 0.8).to(DEV) if pick([False, True]) else None
+        what = f"fuzz {i}: B={B} H={Hkv * ratio}/{Hkv} L=({Lq},{Lk}) D={D} {dtype} {causal} {layout} kpad={kpad is not None}"
+        _check_kernel(q, k, v, mask, causal, kpad, what=what)
+
+
+@needs_kernels
 @pytest.mark.parametrize("lam", [0.0, 4.0, float("inf")])
 def test_kernel_pv_skip(lam):
     from sparge.demo import make_video_qkv
