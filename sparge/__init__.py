@@ -3,7 +3,7 @@
     import sparge
     out = sparge.attn(q, k, v, is_causal=True, topk=0.25)   # drop-in for F.scaled_dot_product_attention
 
-See README.md and SPEC.md for the method and the contract.
+See README.md and docs/spec.md for the method and the contract.
 """
 from . import hilbert as hilbert  # sparge.hilbert: Hilbert token order (SPEC §4)
 from ._fallback import fallback_counts, reset_fallback_counts

@@ -25,7 +25,7 @@
  *    can be appended without breaking older callers: set it to sizeof(...).
  *  - Status codes are explicitly numbered and append-only.
  *
- * Shapes (SPEC.md terms)
+ * Shapes (docs/spec.md terms)
  * ----------------------
  *   q    [B, Hq,  Lq, D ]      k [B, Hkv, Lk, D]     v [B, Hkv, Lk, Dv]
  *   out  [B, Hq,  Lq, Dv]      lse [B, Hq, Lq] float32 (natural log)
@@ -35,7 +35,7 @@
  *   per-head hyperparameters: [Hq] float32 (a stride of 0 broadcasts one value)
  * Hq % Hkv == 0; q-head h reads kv-head h / (Hq / Hkv).
  *
- * Exact semantics of prediction and attention are stated in SPEC.md and, in
+ * Exact semantics of prediction and attention are stated in docs/spec.md and, in
  * executable form, in sparge/reference.py. The points the SPEC leaves open are
  * fixed here (see sparge_predict and sparge_block_sparse_attn).
  */
