@@ -157,6 +157,18 @@ def predict(q, k, *, block_q: int, block_k: int, scale: Optional[float] = None, 
     return keep & allowed
 
 
+def _pv(p, v, visible):
+    """p @ v where a non-finite value of v reaches only the rows that see its key
+    (a hidden key has p = 0, and 0 * inf or 0 * NaN would be NaN)."""
+    bad = ~torch.isfinite(v)
+    if not bad.any():
+        return p @ v
+    out = p @ v.masked_fill(bad, 0.0)
+    extra = p[..., None] * torch.where(bad, v, torch.zeros_like(v))[:, :, None]  # [B, H, Lq, bk, Dv]
+    keep = visible[..., None] & bad[:, :, None]
+    return out + torch.where(keep, extra, torch.zeros_like(extra)).sum(-2)
+
+
 def block_sparse_attn(q, k, v, block_mask, *, block_q: int, block_k: int, scale: Optional[float] = None,
                       causal: Optional[str] = None, key_padding_mask=None, pv_threshold=None, pv_group: int = 16):
     """Stage 2 in fp32: returns (out [B, Hq, Lq, Dv], lse [B, Hq, Lq], stats [B, Hq, 4] int64).
@@ -202,13 +214,18 @@ def block_sparse_attn(q, k, v, block_mask, *, block_q: int, block_k: int, scale:
         block_on = computed[:, :, :, j]  # [B, Hq, nq]
         row_on = block_on[:, :, qblock]  # [B, Hq, Lq]
         s = s.masked_fill(~visible, float("-inf"))
-        rowmax = s.max(dim=-1).values
+        # the running max is taken over the non-NaN scores (a NaN score still
+        # makes its row NaN: exp2(NaN - m) enters the sums and P.V)
+        nan = torch.isnan(s)
+        rowmax = s.masked_fill(nan, float("-inf")).max(dim=-1).values
         m_new = torch.where(row_on, torch.maximum(m, rowmax), m)
 
         skip_row = torch.zeros_like(row_on)
         first = block_on & ~started
         if lam is not None:
-            agree = (rowmax <= m_new - lam) | ~row_on
+            # compared with the running max *before* the block, so a block that
+            # raises it is never skipped; a row with a NaN score never agrees
+            agree = ((rowmax <= m - lam) & ~nan.any(-1)) | ~row_on
             agree = torch.nn.functional.pad(agree, (0, nq * block_q - Lq), value=True).view(B, Hq, nq, block_q)
             agree = torch.nn.functional.pad(agree, (0, groups_per_block * pv_group - block_q), value=True)
             skip_group = agree.view(B, Hq, nq, groups_per_block, pv_group).all(-1)
@@ -226,10 +243,11 @@ def block_sparse_attn(q, k, v, block_mask, *, block_q: int, block_k: int, scale:
         use = (row_on & ~skip_row)[..., None]
         p = torch.where(use, p, torch.zeros_like(p))
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + p @ v[:, :, c0:c1]
+        acc = acc * alpha[..., None] + _pv(p, v[:, :, c0:c1], use & visible)
         m = m_new
 
-    seen = l > 0
+    # l == 0: the row saw no key (out 0, lse -inf); NaN stays NaN
+    seen = l != 0
     out = torch.where(seen[..., None], acc / torch.where(seen, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
     lse = torch.where(seen, (m + torch.log2(torch.where(seen, l, torch.ones_like(l)))) / LOG2E,
                       torch.full_like(l, float("-inf")))

@@ -254,3 +254,73 @@ def test_auto_dense_policy():
     assert (st["density"] < 0.5).all()
     _, st = sparge.attn(q, k, v, topk=0.95, return_stats=True)
     assert (st["density"] == 1.0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("lam", [0.0, 1e-6])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_pv_skip_keeps_the_block_that_raises_the_max(lam, dtype):
+    """Issue 13's reproducer at a GPU head dim: scores 0 then 120; skipping the
+    second block (it raises the max) gave 0."""
+    q = torch.zeros(1, 1, 1, 64, device=DEV, dtype=dtype)
+    q[..., 0] = 1
+    k = torch.zeros(1, 1, 128, 64, device=DEV, dtype=dtype)
+    k[:, :, 64:, 0] = 120
+    v = torch.ones(1, 1, 128, 64, device=DEV, dtype=dtype)
+    bq, bk = sparge.block_shape(DEV, 64, dtype=dtype)
+    mask = torch.ones(1, 1, 1, -(-128 // bk), dtype=torch.bool, device=DEV)
+    out, st = sparge.block_sparse_attn(q, k, v, mask, scale=1.0, pv_threshold=lam, return_stats=True)
+    assert (out == 1).all() and st["pv_skipped"].item() == 0
+
+
+# the GPU twins of tests/test_nonfinite_cpu.py; a non-finite V at a key hidden
+# from a row inside a computed block, and the LSE of NaN rows, are not checked:
+# docs/spec.md, "Not yet built", item 3
+_NF_ROW, _NF_KEY = 137, 200
+
+
+@needs_kernels
+@pytest.mark.parametrize("setting", ["dense", "top_left", "key_padding", "sparse"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
+def test_kernel_nonfinite_matches_reference(tensor, value, setting):
+    if tensor == "v" and setting in ("top_left", "key_padding"):
+        pytest.skip("a non-finite V hidden inside a computed block reaches the row on CUDA (spec: Not yet built 3)")
+    dtype = torch.bfloat16
+    L = 300
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, L, 64, generator=g) for _ in range(3))
+    if tensor == "q":
+        q[0, 0, _NF_ROW, 3] = value
+    elif tensor == "k":
+        k[0, :, _NF_KEY, 3] = value
+    else:
+        v[0, :, _NF_KEY, 5] = value
+    q, k, v = (t.to(DEV, dtype) for t in (q, k, v))
+    bq, bk = sparge.block_shape(DEV, 64, dtype=dtype)
+    nq, nk = -(-L // bq), -(-L // bk)
+    mask = torch.ones(1, 2, nq, nk, dtype=torch.bool, device=DEV)
+    causal, kpad = None, None
+    if setting == "top_left":
+        causal = "top_left"
+    elif setting == "key_padding":
+        kpad = torch.rand(1, L, device=DEV) < 0.8
+        kpad[:, _NF_KEY] = False
+        kpad[:, 0] = True
+    elif setting == "sparse":
+        mask = torch.rand(1, 2, nq, nk, device=DEV) < 0.6
+        mask[0, 0, _NF_ROW // bq, _NF_KEY // bk] = True
+        mask[0, 1, :, _NF_KEY // bk] = False
+    out = sparge.block_sparse_attn(q, k, v, mask, is_causal=causal is not None, key_padding_mask=kpad)
+    ref, _, _ = reference.block_sparse_attn(q, k, v, mask, block_q=bq, block_k=bk, causal=causal,
+                                            key_padding_mask=kpad)
+    out, ref = out.float().cpu(), ref.cpu()
+    what = f"{tensor}={value} {setting}"
+    assert not torch.isfinite(ref).all(), what
+    assert torch.equal(out.isnan(), ref.isnan()), what
+    assert torch.equal(out.isinf(), ref.isinf()), what
+    fin = torch.isfinite(ref)
+    assert (out[fin] - ref[fin]).abs().max().item() < 2e-2, what
+    if tensor != "q":  # rows that do not see the key are untouched by it
+        em = element_mask(mask.expand(1, 2, -1, -1), L, L, bq, bk, causal, kpad).cpu()
+        assert torch.isfinite(out[~em[..., _NF_KEY]]).all(), what

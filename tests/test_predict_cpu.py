@@ -73,3 +73,24 @@ def test_predict_degenerate_all_fix():
     k = torch.randn(1, 1, 130, 32)
     mask = sparge.predict(q, k, topk=0.1, sim_threshold=1.5, is_causal=True, block_size=(32, 32))
     assert torch.equal(mask[0, 0], reference.allowed_blocks(130, 130, 32, 32, "top_left"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("tensor", ["q", "k"])
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_predict_keeps_blocks_with_nonfinite_inputs(tensor, value, causal):
+    """A NaN/Inf in a q-block makes it a fix block (its similarity is NaN): its
+    whole allowed row is kept; one in K reaches every k-block through the key
+    mean: every allowed block is kept. So the value reaches the output."""
+    q, k = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    (q if tensor == "q" else k)[0, 0, 150, 5] = value
+    for sel in (dict(topk=0.2), dict(cdf_threshold=0.5)):
+        mask = sparge.predict(q, k, block_size=(64, 32), is_causal=causal is not None, **sel)
+        ref = reference.predict(q, k, block_q=64, block_k=32, causal=causal, **sel)
+        assert torch.equal(mask, ref), (tensor, value, sel)
+        allowed = reference.allowed_blocks(300, 300, 64, 32, causal)
+        if tensor == "q":
+            assert torch.equal(mask[0, 0, 150 // 64], allowed[150 // 64])
+        else:
+            assert torch.equal(mask[0, 0], allowed)
+        assert not torch.equal(mask[0, 1], allowed)  # the clean head stays sparse

@@ -586,12 +586,15 @@ ATTN_INLINE void attn_scores(const attn_ctx_t *c, attn_scratch_t *w, const attn_
 
 /* Masking: -inf where a row does not see a key: the causal boundary (only on
  * blocks that cross it) and key padding. The sequence end is implicit: only
- * the block's real keys are computed. */
-ATTN_INLINE void attn_mask(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t c0,
-                           int64_t nkv) {
+ * the block's real keys are computed. Returns whether some row may not see
+ * some key of the block. */
+ATTN_INLINE int attn_mask(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t c0,
+                          int64_t nkv) {
   const int64_t nr = t->nr, nrp = t->nrp, lds = t->lds;
   float *ATTN_RESTRICT st = w->st;
+  int masked = 0;
   if (t->causal && sparge_causal_block_partial(t->r0, t->off, c0 + nkv - 1)) {
+    masked = 1;
     /* rows before the first row that sees key c0+x (tile-relative) */
     for (int64_t x = 0; x < nkv; ++x) {
       int64_t rf = attn_max64(0, attn_min64(nr, sparge_first_row_seeing(c0 + x, t->off) - t->r0));
@@ -604,14 +607,18 @@ ATTN_INLINE void attn_mask(const attn_ctx_t *c, attn_scratch_t *w, const attn_ti
       if (!sparge_mask_at(c->kpad, t->b, c0 + x, 0, 0)) {
         float *srow = st + x * lds;
         for (int64_t r = 0; r < nrp; ++r) srow[r] = -INFINITY;
+        masked = 1;
       }
     }
   }
+  return masked;
 }
 
 /* Online softmax, step 1: the block's row max rmax, the new running max mnew,
  * the max used in the exponent muse (0 while a row has seen nothing) and the
- * rescale factor alpha = exp2(m - mnew) (1 while a row has seen nothing). */
+ * rescale factor alpha = exp2(m - mnew) (1 while a row has seen nothing).
+ * The maxima ignore NaN scores (the reference's rule); a NaN score still makes
+ * its row NaN through exp2(NaN - muse) in the sums and P.V. */
 ATTN_INLINE void attn_softmax_max(attn_scratch_t *w, const attn_tile_t *t, int64_t nkv) {
   const int64_t nrp = t->nrp, lds = t->lds;
   const float NEG_INF = -INFINITY;
@@ -625,11 +632,13 @@ ATTN_INLINE void attn_softmax_max(attn_scratch_t *w, const attn_tile_t *t, int64
   for (int64_t r = 0; r < nrp; r += 8) {
     __m256 mx0 = _mm256_set1_ps(NEG_INF), mx1 = mx0;
     int64_t x = 0;
+    /* max_ps returns its second operand when one is NaN: the running max goes
+     * second, so a NaN score is ignored (never NaN: it starts at -inf) */
     for (; x + 2 <= nkv; x += 2) {
-      mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
-      mx1 = _mm256_max_ps(mx1, _mm256_load_ps(st + (x + 1) * lds + r));
+      mx0 = _mm256_max_ps(_mm256_load_ps(st + x * lds + r), mx0);
+      mx1 = _mm256_max_ps(_mm256_load_ps(st + (x + 1) * lds + r), mx1);
     }
-    if (x < nkv) mx0 = _mm256_max_ps(mx0, _mm256_load_ps(st + x * lds + r));
+    if (x < nkv) mx0 = _mm256_max_ps(_mm256_load_ps(st + x * lds + r), mx0);
     mx0 = _mm256_max_ps(mx0, mx1);
     _mm256_store_ps(rmax + r, mx0);
   }
@@ -659,20 +668,36 @@ ATTN_INLINE void attn_softmax_max(attn_scratch_t *w, const attn_tile_t *t, int64
 #endif
 }
 
+/* True when one of the rows [r0, r1) has a NaN score among the block's nkv
+ * keys. */
+static int attn_rows_have_nan(const float *st, int64_t lds, int64_t nkv, int64_t r0, int64_t r1) {
+  int nan = 0;
+  for (int64_t x = 0; x < nkv; ++x) {
+    const float *srow = st + x * lds;
+    for (int64_t r = r0; r < r1; ++r) nan |= srow[r] != srow[r];
+  }
+  return nan;
+}
+
 /* PV-skip decision (not on a task's first kept block): a group of G rows
- * skips P.V when every row's block max is at least lam below its new running
- * max. Marks skip[] and returns the number of skipping groups. */
-ATTN_INLINE int64_t attn_pv_skip(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, float lam) {
+ * skips P.V when every row's block max is at least lam below its running max
+ * before the block (m, not yet updated), so a block that raises the max is
+ * never skipped, and no row of the group has a NaN score in the block.
+ * Marks skip[] and returns the number of skipping groups. */
+ATTN_INLINE int64_t attn_pv_skip(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t nkv,
+                                 float lam) {
   const int64_t nr = t->nr, G = c->G;
   const float *ATTN_RESTRICT rmax = w->rmax;
-  const float *ATTN_RESTRICT mnew = w->mnew;
+  const float *ATTN_RESTRICT m = w->m;
   uint8_t *ATTN_RESTRICT skip = w->skip;
   int64_t nskip = 0;
   for (int64_t g0 = 0; g0 < nr; g0 += G) {
     const int64_t g1 = attn_min64(nr, g0 + G);
     int agree = 1;
     for (int64_t r = g0; r < g1; ++r)
-      if (!(rmax[r] <= mnew[r] - lam)) { agree = 0; break; }
+      if (!(rmax[r] <= m[r] - lam)) { agree = 0; break; }
+    /* rmax ignores NaN scores: checked here, on the (cheaper) skipping path only */
+    if (agree && attn_rows_have_nan(w->st, t->lds, nkv, g0, g1)) agree = 0;
     for (int64_t r = g0; r < g1; ++r) skip[r] = (uint8_t)agree;
     if (agree) ++nskip;
   }
@@ -756,6 +781,53 @@ ATTN_INLINE void attn_softmax_sums(const attn_ctx_t *c, attn_scratch_t *w, const
   }
 }
 
+/* Non-finite V in a block that hides keys from some rows: P.V would give a
+ * row that does not see key x p * v = 0 * inf or 0 * NaN = NaN. Sets the
+ * non-finite entries of vc to 0 and returns whether there were any;
+ * attn_pv_nonfinite then adds them to the rows that see their key. */
+ATTN_INLINE int attn_v_clear_nonfinite(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t,
+                                       int64_t nkv) {
+  const int64_t Dv = c->d->Dv, lda = t->lda;
+  int any = 0;
+  for (int64_t x = 0; x < nkv; ++x) {
+    float *ATTN_RESTRICT vr = w->vc + x * lda;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < Dv; ++i) {
+      uint32_t bits;
+      memcpy(&bits, vr + i, 4);
+      bad |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    if (!bad) continue;
+    any = 1;
+    for (int64_t i = 0; i < Dv; ++i)
+      if (!isfinite(vr[i])) vr[i] = 0.0f;
+  }
+  return any;
+}
+
+/* After P.V over the cleared V: acc += p * v for the non-finite entries of V,
+ * in the rows that see the key and compute the block. */
+ATTN_INLINE void attn_pv_nonfinite(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t, int64_t c0,
+                                   int64_t nkv) {
+  const int64_t Dv = c->d->Dv, lda = t->lda, lds = t->lds, nr = t->nr;
+  float *ATTN_RESTRICT tmp = w->tmp;
+  for (int64_t x = 0; x < nkv; ++x) {
+    if (c->kpad && !sparge_mask_at(c->kpad, t->b, c0 + x, 0, 0)) continue; /* no row sees it */
+    attn_load_row(tmp, t->vbase + (c0 + x) * t->vs * t->esz, c->dtype, Dv, 1.0f);
+    int bad = 0;
+    for (int64_t i = 0; i < Dv; ++i) bad |= !isfinite(tmp[i]);
+    if (!bad) continue;
+    const int64_t rf = t->causal ? attn_max64(0, attn_min64(nr, sparge_first_row_seeing(c0 + x, t->off) - t->r0)) : 0;
+    for (int64_t r = rf; r < nr; ++r) {
+      if (w->skip[r]) continue;
+      const float p = w->st[x * lds + r];
+      float *ATTN_RESTRICT a = w->acc + r * lda;
+      for (int64_t i = 0; i < Dv; ++i)
+        if (!isfinite(tmp[i])) a[i] += p * tmp[i];
+    }
+  }
+}
+
 /* The next kept block's K (after j), prefetched a few lines per P.V
  * register tile; an empty cursor when there is none. */
 ATTN_INLINE void attn_prefetch_next_k(const attn_ctx_t *c, const attn_tile_t *t, int64_t j, attn_pf_t *pf) {
@@ -789,22 +861,22 @@ ATTN_INLINE void attn_pv(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile
   attn_pf_finish(pf);
 }
 
-/* Finalize: out = acc / l (0 for rows that see no key), lse = (m + log2 l) ln 2
- * (-inf for those rows). */
+/* Finalize: out = acc / l (0 for rows that see no key, l == 0), lse =
+ * (m + log2 l) ln 2 (-inf for those rows); a NaN l gives NaN. */
 ATTN_INLINE void attn_finalize(const attn_ctx_t *c, attn_scratch_t *w, const attn_tile_t *t) {
   const int64_t Dv = c->d->Dv, lda = t->lda;
   float *ATTN_RESTRICT tmp = w->tmp;
   for (int64_t r = 0; r < t->nr; ++r) {
     const float lr = w->l[r];
     const float *a = w->acc + r * lda;
-    if (lr > 0.0f) {
+    if (lr != 0.0f) {
       for (int64_t x = 0; x < Dv; ++x) tmp[x] = a[x] / lr;
     } else {
       for (int64_t x = 0; x < Dv; ++x) tmp[x] = 0.0f;
     }
     attn_store_row(sparge_elem_ptr(c->out, t->b, t->h, t->r0 + r, 0), tmp, c->dtype, Dv);
     if (c->lse) {
-      float v = lr > 0.0f ? (w->m[r] + log2f(lr)) * SPARGE_LN2 : -INFINITY;
+      float v = lr != 0.0f ? (w->m[r] + log2f(lr)) * SPARGE_LN2 : -INFINITY;
       *(float *)sparge_elem_ptr(c->lse, t->b, t->h, t->r0 + r, 0) = v;
     }
   }
@@ -831,9 +903,9 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
     int64_t ldk;
     const float *Kp = attn_load_k(c, w, &t, c0, nkv, &ldk);
     attn_scores(c, w, &t, Kp, ldk, c0, nkv);
-    attn_mask(c, w, &t, c0, nkv);
+    const int masked = attn_mask(c, w, &t, c0, nkv);
     attn_softmax_max(w, &t, nkv);
-    const int64_t nskip = pv_on && !first ? attn_pv_skip(c, w, &t, lam) : 0;
+    const int64_t nskip = pv_on && !first ? attn_pv_skip(c, w, &t, nkv, lam) : 0;
     const int any_skip = nskip > 0;
     skipped += nskip;
     attn_softmax_exp(w, &t, nkv, any_skip);
@@ -841,8 +913,13 @@ static void attn_task(const attn_ctx_t *c, attn_scratch_t *w, int64_t b, int64_t
 
     attn_pf_t pf;
     attn_prefetch_next_k(c, &t, j, &pf);
-    if (nskip < t.ngroups) attn_load_v(c, w, &t, c0, nkv);
+    int v_nonfinite = 0;
+    if (nskip < t.ngroups) {
+      attn_load_v(c, w, &t, c0, nkv);
+      if (masked) v_nonfinite = attn_v_clear_nonfinite(c, w, &t, nkv);
+    }
     attn_pv(c, w, &t, nkv, &pf);
+    if (v_nonfinite) attn_pv_nonfinite(c, w, &t, c0, nkv);
     if (any_skip) memset(w->skip, 0, (size_t)t.nr);
     first = 0;
   }

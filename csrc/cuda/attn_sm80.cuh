@@ -490,7 +490,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
           m_new[mt][hf] = fmaxf(m_old[mt][hf], x);
         }
 
-      // ==== PV skip: the warp skips when every valid row it owns agrees ====
+      // ==== PV skip: the warp skips when every valid row it owns agrees: block max
+      // <= running max before the block - lambda (a block that raises it is never skipped) ====
       bool skip = false;
       if ((flags & kFlagPv) && t > 0) {  // uniform over the CTA
         const float lam = ws->lam;
@@ -500,7 +501,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf)
-            if (qrow0 + mt * 16 + 8 * hf < p.Lq && !(bmax[mt][hf] <= m_new[mt][hf] - lam)) agree = false;
+            if (qrow0 + mt * 16 + 8 * hf < p.Lq && !(bmax[mt][hf] <= m_old[mt][hf] - lam)) agree = false;
         skip = __all_sync(kFullMask, agree);
       }
 

@@ -336,13 +336,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       use[1] = jb >= 0;
       if (pv_on) {
         // a block is skipped when every valid row of the warpgroup has
-        // rowmax(block) <= running max (including the block) - lambda
+        // rowmax(block) <= running max before the block - lambda (ja: m_run,
+        // jb: m_mid, the max after ja), so a block that raises it never is
         bool agree_a = true, agree_b = true;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
           if (qrow0 + 8 * hf < p.Lq) {
-            if (!(bmax[0][hf] <= m_mid[hf] - lam)) agree_a = false;
-            if (!(bmax[1][hf] <= m_new[hf] - lam)) agree_b = false;
+            if (!(bmax[0][hf] <= m_run[hf] - lam)) agree_a = false;
+            if (!(bmax[1][hf] <= m_mid[hf] - lam)) agree_b = false;
           }
         if (!first && bar_and(1 + cw, 128, agree_a)) use[0] = false;
         if (jb >= 0 && bar_and(1 + cw, 128, agree_b)) use[1] = false;

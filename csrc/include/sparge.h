@@ -275,12 +275,15 @@ SPARGE_API sparge_status_t sparge_attn_workspace_size(const sparge_tensor_t *q,
  *  - Kept blocks that are entirely causally invalid for the q-block are not
  *    computed and do not count as computed.
  *  - PV skip is decided per group of pv_group consecutive rows of a q-block
- *    (rows past Lq excluded). For each computed block j, after m_r is updated
- *    to max(m_r, rowmax_j(s_r)), the group skips exp2, the row-sum update and
- *    P.V when rowmax_j(s_r) <= m_r - lambda for all its rows (a row with no
- *    visible key in the block has rowmax -inf and always agrees). The first
- *    computed block of the q-block is never skipped.
- *  - A row that sees no key (all masked or not kept) gets out = 0.
+ *    (rows past Lq excluded). For each computed block j, with m_r the running
+ *    max before the block, the group skips exp2, the row-sum update and P.V
+ *    when rowmax_j(s_r) <= m_r - lambda for all its rows (a row with no
+ *    visible key in the block has rowmax -inf and always agrees) and none of
+ *    its rows has a NaN score in the block (CPU; see SPEC, Not yet built, for
+ *    CUDA); m_r is then updated to max(m_r, rowmax_j). A block that raises
+ *    the max is never skipped; the first computed block of the q-block never.
+ *  - A row that sees no key (all masked or not kept: l == 0) gets out = 0 and
+ *    lse -inf; NaN/Inf inputs propagate as SPEC §2 "Non-finite inputs" says.
  */
 SPARGE_API sparge_status_t sparge_block_sparse_attn(
     const sparge_tensor_t *q, const sparge_tensor_t *k, const sparge_tensor_t *v,
