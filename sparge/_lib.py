@@ -96,7 +96,7 @@ def _import_extension():
     if importlib.util.find_spec(_PACKAGE + "._C") is not None:
         from . import _C as ext
 
-        return ext, "next to the sources"
+        return ext, "beside the package's Python files"
     path, dist = _installed_extension()
     if path is None:
         raise ImportError(f"sparge's compiled module sparge._C is not built (none in {_SOURCE_DIR}, "
@@ -114,7 +114,7 @@ def _import_extension():
                           f"whose compiled module they use ({path}); if anything fails, reinstall from this "
                           "checkout (`pip install .`) or build in place (`python setup.py build_ext --inplace`)",
                           stacklevel=2)
-    return ext, "installed"
+    return ext, "the installed sparge's, loaded by path"
 
 
 def _load_extension():

@@ -109,7 +109,7 @@ def test_changed_checkout_warns_and_names_the_files(tmp_path, installed, site_wi
     assert "differ from the installed sparge (hilbert.py)" in r.stderr
     assert "pip install ." in r.stderr
     line = next(x for x in r.stdout.splitlines() if "compiled module" in x)
-    assert os.path.join(installed, "sparge") in line and "(installed)" in line
+    assert os.path.join(installed, "sparge") in line and "(the installed sparge's, loaded by path)" in line
 
 
 def test_stale_installed_module_fails_the_abi_check(tmp_path, installed, site_without_sparge):
