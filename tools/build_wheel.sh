@@ -26,8 +26,10 @@
 #
 # Knobs: SPARGE_BUILD_JOBS (parallel nvcc jobs, default 2), SPARGE_WHEEL_DIR
 # (output folder, default dist/; the unrepaired wheel goes to its unrepaired/),
-# SPARGE_WHEEL_FROM (an unrepaired wheel: skip the build), PYTHON (the
-# interpreter, default python3).
+# SPARGE_WHEEL_FROM (an unrepaired wheel: skip the build), SPARGE_WHEEL_CPU_ARCH
+# (-march of the C backend, default none: any x86-64; x86-64-v3 needs AVX2 and
+# runs the CPU path several times faster), PYTHON (the interpreter, default
+# python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -52,7 +54,7 @@ else
     fi
     echo "== 1. build (HEAD $(git rev-parse --short HEAD))"
     git clone -q "$root" "$work/src"
-    SPARGE_CUDA=1 SPARGE_CUDA_ARCHS="80;90a" SPARGE_CPU_ARCH=none SPARGE_BUILD_JOBS=${SPARGE_BUILD_JOBS:-2} \
+    SPARGE_CUDA=1 SPARGE_CUDA_ARCHS="80;90a" SPARGE_CPU_ARCH=${SPARGE_WHEEL_CPU_ARCH:-none} SPARGE_BUILD_JOBS=${SPARGE_BUILD_JOBS:-2} \
         "$work/tools/bin/pip" wheel -q --no-deps -w "$work/raw" "$work/src"
     # the unrepaired wheel stays too: SPARGE_WHEEL_FROM=dist/unrepaired/... redoes steps 2-3 without a build
     mkdir -p "$out/unrepaired" && rm -f "$out"/unrepaired/sparge-*.whl && cp "$work"/raw/sparge-*.whl "$out/unrepaired/"
