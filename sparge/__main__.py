@@ -30,6 +30,14 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="print the build and device support")
     args = parser.parse_args(argv)
 
+    if (args.command == "demo" and args.plot) or args.command == "calibrate-demo":
+        from .viz import matplotlib_missing
+
+        missing = matplotlib_missing(f"sparge {args.command}" + (" --plot" if args.command == "demo" else ""))
+        if missing:  # one line, before any work
+            print(missing, file=sys.stderr)
+            return 1
+
     if args.command == "demo":
         from .demo import run_demo
 
@@ -50,6 +58,7 @@ def main(argv=None) -> int:
     from . import __version__, _lib
 
     print(f"sparge {__version__} (C library {_lib._C.version()}, ABI {_lib._C.abi_version()})")
+    print(f"  compiled module: {_lib.EXTENSION_PATH} ({_lib.EXTENSION_ORIGIN})")
     print(f"  CUDA backend compiled: {_lib.cuda_compiled()}")
     print(f"  cpu: {_lib.device_reason('cpu', 0) or 'supported'}")
     if torch.cuda.is_available():

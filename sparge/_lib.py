@@ -2,12 +2,119 @@
 Python exceptions. Everything that talks to the C ABI goes through here."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import os
-from typing import Optional, Tuple
+import sys
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
+
+ABI_VERSION = 1
+
+_PACKAGE = __name__.rpartition(".")[0]  # "sparge"
+_SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
+_BUILD_HINT = ("run `pip install .` in the sparge checkout (then run Python from any folder, its root included), "
+               "or build next to the sources: `python setup.py build_ext --inplace`")
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _extension_names() -> List[str]:
+    return ["_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+
+
+def _installed_extension() -> Tuple[Optional[str], Optional[importlib.metadata.Distribution]]:
+    """(path, distribution) of the compiled ``sparge._C`` of a sparge installed
+    somewhere other than this source folder, else (None, None).
+
+    This is the case of a checkout whose root is the working directory after
+    ``pip install .``: its ``sparge/`` folder comes first on ``sys.path`` and
+    shadows the installed package, but has no compiled module of its own.
+    First the installed distributions' file lists (what pip recorded), then
+    a ``sparge/_C*`` beside any other ``sys.path`` entry (an install without
+    a record)."""
+    names = set(_extension_names())
+    for dist in importlib.metadata.distributions(name=_PACKAGE):
+        for f in dist.files or ():
+            if len(f.parts) == 2 and f.parts[0] == _PACKAGE and f.parts[1] in names:
+                path = str(dist.locate_file(f))
+                if os.path.isfile(path) and not _same_dir(os.path.dirname(path), _SOURCE_DIR):
+                    return os.path.abspath(path), dist
+    for entry in sys.path:
+        folder = os.path.join(entry or os.getcwd(), _PACKAGE)
+        if _same_dir(folder, _SOURCE_DIR):
+            continue
+        for name in _extension_names():
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return os.path.abspath(path), None
+    return None, None
+
+
+def _record_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _differing_sources(dist: importlib.metadata.Distribution) -> List[str]:
+    """The Python files of this source folder that differ from (or are missing
+    in) the installed distribution, by the sha256 hashes pip recorded."""
+    installed = {}
+    for f in dist.files or ():
+        if f.parts and f.parts[0] == _PACKAGE and f.name.endswith(".py") and f.hash is not None \
+                and f.hash.mode == "sha256":
+            installed["/".join(f.parts[1:])] = f.hash.value
+    here = {}
+    for root, dirs, files in os.walk(_SOURCE_DIR):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                here[os.path.relpath(path, _SOURCE_DIR).replace(os.sep, "/")] = path
+    differ = sorted(set(installed) ^ set(here))
+    differ += [rel for rel in sorted(set(installed) & set(here)) if _record_hash(here[rel]) != installed[rel]]
+    return sorted(differ)
+
+
+def _import_extension():
+    """(module, where): ``sparge._C`` next to these Python files when it is there
+    (in-place build, editable or regular install), else the installed one,
+    loaded by its file location under the same name."""
+    if importlib.util.find_spec(_PACKAGE + "._C") is not None:
+        from . import _C as ext
+
+        return ext, "beside the package's Python files"
+    path, dist = _installed_extension()
+    if path is None:
+        raise ImportError(f"sparge's compiled module sparge._C is not built (none in {_SOURCE_DIR}, "
+                          f"no installed sparge): {_BUILD_HINT}", name=_PACKAGE)
+    spec = importlib.util.spec_from_file_location(_PACKAGE + "._C", path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    sys.modules[spec.name] = ext
+    sys.modules[_PACKAGE]._C = ext  # as `from . import _C` leaves it
+    if dist is not None:
+        differ = _differing_sources(dist)
+        if differ:
+            listed = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            warnings.warn(f"sparge: the Python files in {_SOURCE_DIR} differ from the installed sparge ({listed}) "
+                          f"whose compiled module they use ({path}); if anything fails, reinstall from this "
+                          "checkout (`pip install .`) or build in place (`python setup.py build_ext --inplace`)",
+                          stacklevel=2)
+    return ext, "the installed sparge's, loaded by path"
 
 
 def _load_extension():
@@ -23,23 +130,25 @@ def _load_extension():
     if not had:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
-        from . import _C as ext
+        return _import_extension()
     finally:
         if not had:
             os.environ.pop("OMP_WAIT_POLICY", None)
         elif old is not None:
             os.environ["OMP_WAIT_POLICY"] = old
-    return ext
 
 
-_C = _load_extension()
+_C, EXTENSION_ORIGIN = _load_extension()
+EXTENSION_PATH = os.path.abspath(_C.__file__)
 
-ABI_VERSION = 1
-if _C.abi_version() != ABI_VERSION:  # a stale build next to newer Python files
+# A stale build: a compiled module older (or newer) than these Python files,
+# whether built in place or taken from an installed sparge. Within one ABI
+# version the Python files and the module work together.
+if _C.abi_version() != ABI_VERSION:
     raise ImportError(
-        f"sparge._C has ABI version {_C.abi_version()}, this sparge package expects {ABI_VERSION}: "
-        "rebuild with `pip install .`"
-    )
+        f"sparge._C ({EXTENSION_PATH}, {EXTENSION_ORIGIN}) has ABI version {_C.abi_version()}, the sparge "
+        f"Python files in {_SOURCE_DIR} expect {ABI_VERSION}: the build is stale; rebuild it from these "
+        f"sources: {_BUILD_HINT}", name=_PACKAGE)
 
 # sparge_status_t
 SUCCESS = 0

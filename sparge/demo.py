@@ -135,7 +135,12 @@ def run_demo(device: Optional[str] = None, plot: Optional[str] = None, T: Option
              head_dim: int = 64, cdf_threshold: float = 0.95, sim_threshold: float = 0.15, repeats: int = 5,
              print_fn=print) -> Dict[str, float]:
     import sparge
+    from sparge import viz
 
+    if plot:  # before the work, not after it
+        missing = viz.matplotlib_missing("the demo's plot")
+        if missing:
+            raise ImportError(missing, name="matplotlib")
     if device is None:
         device = "cuda" if sparge.cuda_available() else "cpu"
     dev = torch.device(device)
@@ -173,10 +178,9 @@ def run_demo(device: Optional[str] = None, plot: Optional[str] = None, T: Option
 
 def save_plot(mask: torch.Tensor, density: torch.Tensor, path: str, head: int = 0) -> None:
     """One head's block mask and the density of every head, as a PNG."""
-    import matplotlib
+    from sparge import viz
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = viz._plt()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.1, 1]})
     a.imshow(mask[0, head].cpu().numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
@@ -204,6 +208,9 @@ def run_calibrate_demo(out_dir: str = "sparge_calibration", device: Optional[str
     import sparge
     from sparge import viz
 
+    missing = viz.matplotlib_missing("the calibration demo's plots")
+    if missing:  # before the calibration, not after it
+        raise ImportError(missing, name="matplotlib")
     if device is None:
         device = "cuda" if sparge.cuda_available() else "cpu"
     dev = torch.device(device)

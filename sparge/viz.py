@@ -1,4 +1,5 @@
-"""Plots (matplotlib, an optional dependency: ``pip install sparge[plot]``).
+"""Plots (matplotlib, an optional dependency: ``pip install "sparge[plot]"``,
+or ``pip install ".[plot]"`` from a checkout).
 
 - ``plot_block_mask``: one head's block mask;
 - ``plot_density``: density per layer and head of a calibration run (heat map);
@@ -19,11 +20,23 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["plot_block_mask", "plot_density", "plot_tradeoff"]
 
 
-def _plt():
+def matplotlib_missing(what: str = "sparge.viz") -> Optional[str]:
+    """None when matplotlib imports, else one line saying that ``what`` needs it
+    and which extra brings it (for an installed sparge and for a checkout)."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError("sparge.viz needs matplotlib: pip install 'sparge[plot]'") from None
+        return (f'{what} needs matplotlib, which is not installed: pip install "sparge[plot]" '
+                '(from a sparge checkout: pip install ".[plot]")')
+    return None
+
+
+def _plt():
+    missing = matplotlib_missing()
+    if missing:
+        raise ImportError(missing, name="matplotlib")
+    import matplotlib
+
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
