@@ -30,7 +30,10 @@ _notes_lock = threading.Lock()
 
 
 def note_once(where: str, message: str) -> None:
-    """Warn once per message (things that are not a dense fallback)."""
+    """Warn once per message (things that are not a dense fallback); a no-op
+    while torch.compile traces (no lock in traced code)."""
+    if torch.compiler.is_compiling():
+        return
     key = f"{where}: {message}"
     with _notes_lock:
         first = key not in _notes
