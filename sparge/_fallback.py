@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import _args, reference
 from ._args import Call
 
 __all__ = ["fallback_counts", "reset_fallback_counts", "note_fallback", "sdpa"]
@@ -68,6 +68,8 @@ def sdpa(call: Call, attn_mask=None, dropout_p: float = 0.0):
     (out [B, Hq, Lq, Dv], lse, stats); LSE and stats, when the call asks for
     them, are computed densely too (``call.finish`` makes the caller's result)."""
     q, k, v = call.q, call.k, call.v
+    if attn_mask is not None and call.lead is not None and attn_mask is not call.attn_mask:
+        attn_mask = _args.flatten_mask(attn_mask, call.lead, "attn_mask")  # a mask over (N, ..., Lq, Lk)
     causal, scale, key_padding = call.causal, call.scale, call.key_padding
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
