@@ -232,6 +232,28 @@ def check_dim(x, name: str) -> int:
     return x
 
 
+# How the sparse kernel computes a call (compute_path)
+NATIVE = "native"    # in the input's dtype: 16-bit inputs anywhere, float32 on the CPU (fp32 arithmetic)
+CAST_16 = "cast16"   # float32 on CUDA with precision="fp16"/"bf16": cast to that type (opt-in, 16-bit accuracy)
+PRECISE = "precise"  # float32 on CUDA with precision="auto": torch SDPA in float32 (a counted precision fallback)
+
+FP32_CUDA_REASON = ("float32 inputs on CUDA: sparge's CUDA kernels compute in 16 bits, so torch SDPA runs the "
+                    "call in float32 (pass precision='bf16' or 'fp16' to run the sparse kernel in 16 bits)")
+
+
+def compute_path(device_type: str, dtype: torch.dtype, precision: str) -> str:
+    """Which arithmetic a call gets: float32 inputs meet float32 tolerance by
+    default on every backend. The CPU kernels compute in float32 whatever the
+    input; the CUDA kernels have 16-bit operands, so float32 inputs there take
+    torch's float32 SDPA unless ``precision`` opts into 16 bits (``"fp16"`` /
+    ``"bf16"``: cast in, compute, cast the output back)."""
+    if device_type != "cuda" or dtype != torch.float32:
+        return NATIVE
+    if precision in ("fp16", "bf16"):
+        return CAST_16
+    return PRECISE
+
+
 def check_flag(x, name: str) -> bool:
     if not isinstance(x, (bool, torch.SymBool)):
         raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
@@ -439,6 +461,12 @@ class Call:
             self.kernel()
         except _lib.NotSupportedError as e:
             return str(e)
+        return None
+
+    def precision_reason(self) -> Optional[str]:
+        """None when the kernel meets this call's precision, else why torch SDPA runs it (``compute_path``)."""
+        if compute_path(self.q.device.type, self.q.dtype, self.precision) == PRECISE:
+            return FP32_CUDA_REASON
         return None
 
     def block_shape(self, block_size=None) -> Tuple[int, int]:

@@ -111,7 +111,7 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
     except RuntimeError:
         raise ValueError(f"block_mask: shape {tuple(block_mask.shape)} does not broadcast to "
                          f"[B, Hq, nq, nk] = [{B}, {Hq}, {nq}, {nk}] for block size ({bq}, {bk})") from None
-    reason = call.native_reason()
+    reason = call.native_reason() or call.precision_reason()
     if reason is None:
         _, _, group, prec = call.kernel()
         out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, call.key_padding, call.pv_threshold,
@@ -149,6 +149,14 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     and a stats dict when asked. With ``auto_dense`` (default), a GPU call too
     small for sparsity to pay, or a top-k too high to beat torch's dense kernel,
     runs torch SDPA instead (exact; stats then report density 1).
+
+    Inputs are SDPA's ``(N, ..., L, E)`` of any rank >= 3 (rank 3: one head;
+    leading dimensions flatten into the batch by views); ``layout="bshd"``
+    takes 4-D ``[B, L, H, D]``. Precision: float32 inputs get float32
+    accuracy by default; the CPU computes them in float32, and on CUDA (whose
+    kernels have 16-bit operands) they run torch SDPA in float32, warned once
+    and counted. ``precision="bf16"``/``"fp16"`` opts into the sparse kernel in
+    16 bits for float32 inputs there.
     """
     if _observer is not None and not (return_lse or return_stats):
         out = _observer(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
@@ -168,6 +176,8 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
         reason = "dropout_p > 0 (sparge is an inference kernel)"
     if reason is None:
         reason = call.native_reason()
+    if reason is None:
+        reason = call.precision_reason()  # float32 on CUDA without an opt-in to 16 bits
     if reason is not None:
         _note_fallback("sparge.attn", reason)
         return call.finish(*_fallback.sdpa(call, call.attn_mask, dropout_p))
