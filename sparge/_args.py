@@ -451,17 +451,27 @@ class Call:
     def causal_code(self) -> int:
         return _lib.CAUSAL_CODES[self.causal]
 
+    def _kernel_status(self, device: Optional[torch.device] = None, precision: Optional[str] = None):
+        """(C status, message, (block_q, block_k, pv_group, precision code)),
+        cached per signature and constant under torch.compile. Nothing is
+        raised here: Dynamo cannot build sparge's exception classes, so a
+        NOT_SUPPORTED fallback inside torch.compile must not go through one."""
+        dev_type, dev_id = _lib.device_codes(self.q.device if device is None else device)
+        return _lib._block_shape_const(dev_type, dev_id, int(self.D), int(self.Dv), _lib.dtype_code(self.q.dtype),
+                                       _lib.PRECISION_CODES[self.precision if precision is None else precision])
+
     def kernel(self) -> Tuple[int, int, int, int]:
         """(block_q, block_k, pv_group, precision code) of the kernel for this call."""
         return _lib.kernel_config(self.q.device, self.D, self.Dv, self.q.dtype, self.precision)
 
     def native_reason(self) -> Optional[str]:
         """None when a sparge kernel runs this call, else why not."""
-        try:
-            self.kernel()
-        except _lib.NotSupportedError as e:
-            return str(e)
-        return None
+        status, message, _ = self._kernel_status()
+        if status == _lib.SUCCESS:
+            return None
+        if status == _lib.NOT_SUPPORTED:
+            return message
+        raise ValueError(f"block_shape: {message}")
 
     def precision_reason(self) -> Optional[str]:
         """None when the kernel meets this call's precision, else why torch SDPA runs it (``compute_path``)."""
@@ -478,11 +488,14 @@ class Call:
                                for b in block_size)):
                 raise ValueError(f"block_size: expected (BQ, BK) ints in 1..{MAX_DIM_SIZE}, got {block_size!r}")
             return int(block_size[0]), int(block_size[1])
-        try:
-            bq, bk, _, _ = self.kernel()
-        except _lib.NotSupportedError:
-            bq, bk, _, _ = _lib.kernel_config(torch.device("cpu"), self.D, self.Dv, self.q.dtype, "auto")
-        return bq, bk
+        status, message, shape = self._kernel_status()
+        if status == _lib.NOT_SUPPORTED:
+            status, message, shape = self._kernel_status(torch.device("cpu"), "auto")
+        if status == _lib.NOT_SUPPORTED:
+            raise _lib.NotSupportedError(status, message)
+        if status != _lib.SUCCESS:
+            raise ValueError(f"block_shape: {message}")
+        return shape[0], shape[1]
 
     def unflatten(self, t: Optional[torch.Tensor], tail: int) -> Optional[torch.Tensor]:
         """A [B, H, ...] result with ``tail`` trailing dimensions back over the

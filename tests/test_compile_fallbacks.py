@@ -55,6 +55,24 @@ def test_attn_dropout_fallback_compiles_fullgraph():
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 
+def test_attn_not_supported_fallback_compiles_fullgraph():
+    """A NOT_SUPPORTED kernel (int8 on the CPU) is found without raising
+    sparge's exception classes, which Dynamo cannot build (a graph break)."""
+    q, k, v = _qkv()
+
+    def fn(q, k, v):
+        return sparge.attn(q, k, v, is_causal=True, precision="int8")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = fn(q, k, v)
+    assert any("int8" in key for key in sparge.fallback_counts())
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), eager, atol=1e-6, rtol=1e-5)
+    # predict's block shape lookup takes the same path
+    pf = torch.compile(lambda q, k: sparge.predict(q, k, precision="int8"), fullgraph=True)
+    assert torch.equal(pf(q, k), sparge.predict(q, k, precision="int8"))
+
+
 def test_patch_sdpa_fallback_compiles_fullgraph():
     q, k, v = _qkv()
     m = _float_mask()
@@ -97,3 +115,32 @@ def test_transformers_fallback_compiles_fullgraph():
         assert sparge.fallback_counts() == counts
     finally:
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("name", ["flux", "cogvideox"])
+def test_diffusers_fallback_compiles_fullgraph(name):
+    """Every attention call of a tiny model falls back inside sparge.attn
+    (precision='int8' has no CPU kernel): through the dispatcher backend
+    (Flux) and through the routed SDPA processors (CogVideoX), traced with no
+    graph break, equal to eager."""
+    pytest.importorskip("diffusers")
+    from test_integrations_diffusers import MODELS, _run
+
+    from sparge.integrations import diffusers as sdf
+
+    m, kw, _ = MODELS[name]()
+    sdf.apply(m, precision="int8")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eager = _run(m, kw)
+            counts = sparge.fallback_counts()
+            assert any("int8" in key for key in counts), counts
+            with torch.no_grad():
+                expl = torch._dynamo.explain(m)(**kw)
+                assert expl.graph_break_count == 0, [str(r.reason)[:200] for r in expl.break_reasons]
+                compiled = torch.compile(m, fullgraph=True)(**kw)[0]
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+        assert sparge.fallback_counts() == counts
+    finally:
+        sdf.remove(m)
