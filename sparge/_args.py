@@ -146,9 +146,11 @@ def check_qkv(q, k, v, layout: str, enable_gqa: bool):
     if layout == "bshd":
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.transpose(1, 2) if v is not None else None
-    for t, name in ((q, "query"), (k, "key"), (v, "value")):
-        if t is not None:
-            _check_sizes(t, name)  # before anything is allocated for the call
+    # before anything is allocated for the call (one max in the common case)
+    if max(max(q.shape), max(k.shape), max(v.shape) if v is not None else 0) > MAX_DIM_SIZE:
+        for t, name in ((q, "query"), (k, "key"), (v, "value")):
+            if t is not None:
+                _check_sizes(t, name)
     B, Hq, _, D = q.shape
     if k.shape[0] != B:
         raise ValueError(f"key: batch size {k.shape[0]} differs from query's {B}")
@@ -255,7 +257,9 @@ def compute_path(device_type: str, dtype: torch.dtype, precision: str) -> str:
 
 
 def check_flag(x, name: str) -> bool:
-    if not isinstance(x, (bool, torch.SymBool)):
+    if x is True or x is False:
+        return x
+    if not isinstance(x, torch.SymBool):
         raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
     return x
 
