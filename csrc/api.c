@@ -17,8 +17,9 @@
 /* Sizes the CPU backend accepts; past them the call is NOT_SUPPORTED. */
 #define CPU_MAX_BLOCK SPARGE_CPU_MAX_BLOCK
 #define CPU_MAX_HEAD_DIM SPARGE_CPU_MAX_HEAD_DIM
-/* Every index fits comfortably in int64 and every count in int32 loops. */
-#define MAX_DIM_SIZE ((int64_t)1 << 31)
+/* Every index fits comfortably in int64 and every count in int32 loops (sparge/_args.py MAX_DIM_SIZE
+ * checks the same limit before anything is allocated). */
+#define MAX_DIM_SIZE (((int64_t)1 << 31) - 1)
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                   */

@@ -52,25 +52,77 @@ def compiling() -> bool:
 # --------------------------------------------------------------------------
 # Single arguments
 # --------------------------------------------------------------------------
-def check_tensor(t, name: str, ndim: int = 4) -> None:
+# The C ABI's largest dimension (MAX_DIM_SIZE in csrc/api.c): every count fits int32 loops.
+MAX_DIM_SIZE = (1 << 31) - 1
+
+
+def check_tensor(t, name: str) -> None:
+    """An attention input: a float tensor of rank >= 3 with no zero-size dimension."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dim() < 3:
+        raise ValueError(f"{name}: expected a tensor of rank >= 3, (N, ..., L, E) as in SDPA, "
+                         f"got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {t.dtype} is not float16, bfloat16 or float32")
     if any(s == 0 for s in t.shape):
         raise ValueError(f"{name}: has a zero-size dimension, shape {tuple(t.shape)}")
 
 
+def _check_sizes(t: torch.Tensor, name: str) -> None:
+    for i, s in enumerate(t.shape):
+        if s > MAX_DIM_SIZE:
+            raise ValueError(f"{name}: dimension {i} of [B, H, L, D] = {tuple(t.shape)} is {s}, more than "
+                             f"sparge's limit {MAX_DIM_SIZE}")
+
+
+def _to_4d(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """(N, L, E) -> (N, 1, L, E); (N, ..., H, L, E) -> (N*..., H, L, E): views
+    (``flatten`` copies only when the leading strides do not allow a view)."""
+    if rank == 3:
+        return t.unsqueeze(1)
+    if rank == 4:
+        return t
+    return t.flatten(0, rank - 4)
+
+
+def flatten_mask(m: torch.Tensor, lead: Tuple[int, ...], name: str) -> torch.Tensor:
+    """A mask broadcastable to ``lead + (X, Y)`` (``lead``: the query's shape
+    without its last two dimensions) as a 4-D mask broadcastable to the
+    flattened call's [B, H, X, Y]; dimensions of size 1 stay size 1."""
+    r = len(lead) + 2
+    if m.dim() > r:
+        raise ValueError(f"{name}: has {m.dim()} dimensions, more than the query's {r}")
+    m = m.reshape((1,) * (r - m.dim()) + tuple(m.shape))
+    if r == 3:
+        return m.unsqueeze(1)
+    nb = r - 3  # batch dimensions that flatten into B
+    for i in range(nb):
+        if m.shape[i] not in (1, lead[i]):
+            raise ValueError(f"{name}: shape {tuple(m.shape)} does not broadcast to the query's leading "
+                             f"dimensions {tuple(lead)} (dimension {i})")
+    if all(s == 1 for s in m.shape[:nb]):
+        return m.reshape((1,) + tuple(m.shape[nb:]))
+    return m.expand(tuple(lead[:nb]) + tuple(m.shape[nb:])).flatten(0, nb - 1)
+
+
 def check_qkv(q, k, v, layout: str, enable_gqa: bool):
-    """Returns [B, H, L, D] views of q, k, v (no copies); v may be None."""
+    """Returns ([B, H, L, D] views of q, k, v (no copies), lead). ``v`` ABSENT:
+    no value (prediction; returned as None). Inputs of rank 3 ``(N, L, E)`` are
+    one head; rank > 4 ``(N, ..., H, L, E)`` flatten their leading dimensions
+    into the batch. ``lead`` is the query's shape without (L, E) for inputs
+    that are not 4-D (the output takes it back), None for 4-D ones."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    check_flag(enable_gqa, "enable_gqa")
     check_tensor(q, "query")
     check_tensor(k, "key")
-    if v is not None:
+    has_v = v is not ABSENT
+    if has_v:
         check_tensor(v, "value")
+    else:
+        v = None
+    rank = q.dim()
     for t, name in ((k, "key"), (v, "value")):
         if t is None:
             continue
@@ -78,9 +130,27 @@ def check_qkv(q, k, v, layout: str, enable_gqa: bool):
             raise TypeError(f"{name}: dtype {t.dtype} differs from query's {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device} but query is on {q.device}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: has {t.dim()} dimensions, query has {rank}")
+        if rank > 4 and t.shape[:-3] != q.shape[:-3]:
+            raise ValueError(f"{name}: leading dimensions {tuple(t.shape[:-3])} differ from query's "
+                             f"{tuple(q.shape[:-3])}")
+    lead = None
+    if rank != 4:
+        if layout == "bshd":
+            raise ValueError(f"layout: 'bshd' takes 4-D [B, L, H, D] inputs; query has {rank} dimensions "
+                             "(inputs of other ranks are (N, ..., L, E), as in SDPA)")
+        lead = tuple(q.shape[:-2])
+        q, k = _to_4d(q, rank), _to_4d(k, rank)
+        v = _to_4d(v, rank) if v is not None else None
     if layout == "bshd":
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.transpose(1, 2) if v is not None else None
+    # before anything is allocated for the call (one max in the common case)
+    if max(max(q.shape), max(k.shape), max(v.shape) if v is not None else 0) > MAX_DIM_SIZE:
+        for t, name in ((q, "query"), (k, "key"), (v, "value")):
+            if t is not None:
+                _check_sizes(t, name)
     B, Hq, _, D = q.shape
     if k.shape[0] != B:
         raise ValueError(f"key: batch size {k.shape[0]} differs from query's {B}")
@@ -95,7 +165,7 @@ def check_qkv(q, k, v, layout: str, enable_gqa: bool):
         raise ValueError(f"key: {Hq} query heads are not a multiple of {Hkv} key/value heads")
     if Hq != Hkv and not enable_gqa:
         raise ValueError(f"enable_gqa: query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for GQA/MQA")
-    return q, k, v
+    return q, k, v, lead
 
 
 def check_number(x, name: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
@@ -155,8 +225,41 @@ def check_precision(precision) -> None:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
 
 
+def check_dim(x, name: str) -> int:
+    """A size argument: an int (not a bool, float or string) in 1..MAX_DIM_SIZE."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__} {x!r}")
+    if not 1 <= x <= MAX_DIM_SIZE:
+        raise ValueError(f"{name}: {x} is outside 1..{MAX_DIM_SIZE}")
+    return x
+
+
+# How the sparse kernel computes a call (compute_path)
+NATIVE = "native"    # in the input's dtype: 16-bit inputs anywhere, float32 on the CPU (fp32 arithmetic)
+CAST_16 = "cast16"   # float32 on CUDA with precision="fp16"/"bf16": cast to that type (opt-in, 16-bit accuracy)
+PRECISE = "precise"  # float32 on CUDA with precision="auto": torch SDPA in float32 (a counted precision fallback)
+
+FP32_CUDA_REASON = ("float32 inputs on CUDA: sparge's CUDA kernels compute in 16 bits, so torch SDPA runs the "
+                    "call in float32 (pass precision='bf16' or 'fp16' to run the sparse kernel in 16 bits)")
+
+
+def compute_path(device_type: str, dtype: torch.dtype, precision: str) -> str:
+    """Which arithmetic a call gets: float32 inputs meet float32 tolerance by
+    default on every backend. The CPU kernels compute in float32 whatever the
+    input; the CUDA kernels have 16-bit operands, so float32 inputs there take
+    torch's float32 SDPA unless ``precision`` opts into 16 bits (``"fp16"`` /
+    ``"bf16"``: cast in, compute, cast the output back)."""
+    if device_type != "cuda" or dtype != torch.float32:
+        return NATIVE
+    if precision in ("fp16", "bf16"):
+        return CAST_16
+    return PRECISE
+
+
 def check_flag(x, name: str) -> bool:
-    if not isinstance(x, bool):
+    if x is True or x is False:
+        return x
+    if not isinstance(x, torch.SymBool):
         raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
     return x
 
@@ -200,6 +303,16 @@ def check_key_padding_mask(key_padding_mask, B: int, Lk: int, device) -> Optiona
     except RuntimeError:
         raise ValueError(f"key_padding_mask: shape {tuple(key_padding_mask.shape)} does not broadcast to "
                          f"[B, Lk] = [{B}, {Lk}]") from None
+
+
+def check_attn_mask_dtype(attn_mask, query_dtype: torch.dtype) -> None:
+    """torch SDPA's rule: a bool mask, a float32 one, or one of the query's
+    dtype; anything else (int64, float64, ...) is a TypeError naming attn_mask."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query_dtype):
+        raise TypeError(f"attn_mask: dtype {attn_mask.dtype} is not supported: expected bool, float32 or the "
+                        f"query's dtype {query_dtype} (as torch SDPA)")
 
 
 # --------------------------------------------------------------------------
@@ -308,6 +421,7 @@ class Call:
     pv_threshold: Optional[torch.Tensor] = None   # [Hq] float32; None: PV skip off
     return_lse: bool = False
     return_stats: bool = False
+    lead: Optional[Tuple[int, ...]] = None        # the query's shape without (L, E) when it is not 4-D
 
     @property
     def B(self) -> int:
@@ -341,16 +455,32 @@ class Call:
     def causal_code(self) -> int:
         return _lib.CAUSAL_CODES[self.causal]
 
+    def _kernel_status(self, device: Optional[torch.device] = None, precision: Optional[str] = None):
+        """(C status, message, (block_q, block_k, pv_group, precision code)),
+        cached per signature and constant under torch.compile. Nothing is
+        raised here: Dynamo cannot build sparge's exception classes, so a
+        NOT_SUPPORTED fallback inside torch.compile must not go through one."""
+        dev_type, dev_id = _lib.device_codes(self.q.device if device is None else device)
+        return _lib._block_shape_const(dev_type, dev_id, int(self.D), int(self.Dv), _lib.dtype_code(self.q.dtype),
+                                       _lib.PRECISION_CODES[self.precision if precision is None else precision])
+
     def kernel(self) -> Tuple[int, int, int, int]:
         """(block_q, block_k, pv_group, precision code) of the kernel for this call."""
         return _lib.kernel_config(self.q.device, self.D, self.Dv, self.q.dtype, self.precision)
 
     def native_reason(self) -> Optional[str]:
         """None when a sparge kernel runs this call, else why not."""
-        try:
-            self.kernel()
-        except _lib.NotSupportedError as e:
-            return str(e)
+        status, message, _ = self._kernel_status()
+        if status == _lib.SUCCESS:
+            return None
+        if status == _lib.NOT_SUPPORTED:
+            return message
+        raise ValueError(f"block_shape: {message}")
+
+    def precision_reason(self) -> Optional[str]:
+        """None when the kernel meets this call's precision, else why torch SDPA runs it (``compute_path``)."""
+        if compute_path(self.q.device.type, self.q.dtype, self.precision) == PRECISE:
+            return FP32_CUDA_REASON
         return None
 
     def block_shape(self, block_size=None) -> Tuple[int, int]:
@@ -358,20 +488,36 @@ class Call:
         backend's where this device has no kernel: the reference uses it)."""
         if block_size is not None:
             if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-                    or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
-                raise ValueError(f"block_size: expected (BQ, BK) positive ints, got {block_size!r}")
+                    or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_DIM_SIZE
+                               for b in block_size)):
+                raise ValueError(f"block_size: expected (BQ, BK) ints in 1..{MAX_DIM_SIZE}, got {block_size!r}")
             return int(block_size[0]), int(block_size[1])
-        try:
-            bq, bk, _, _ = self.kernel()
-        except _lib.NotSupportedError:
-            bq, bk, _, _ = _lib.kernel_config(torch.device("cpu"), self.D, self.Dv, self.q.dtype, "auto")
-        return bq, bk
+        status, message, shape = self._kernel_status()
+        if status == _lib.NOT_SUPPORTED:
+            status, message, shape = self._kernel_status(torch.device("cpu"), "auto")
+        if status == _lib.NOT_SUPPORTED:
+            raise _lib.NotSupportedError(status, message)
+        if status != _lib.SUCCESS:
+            raise ValueError(f"block_shape: {message}")
+        return shape[0], shape[1]
+
+    def unflatten(self, t: Optional[torch.Tensor], tail: int) -> Optional[torch.Tensor]:
+        """A [B, H, ...] result with ``tail`` trailing dimensions back over the
+        caller's leading dimensions (``lead + tail``; rank-3 inputs have no head
+        dimension). Results not asked for (None, or empty 1-D) pass through."""
+        if t is None or self.lead is None or t.dim() != 2 + tail:
+            return t
+        return t.reshape(self.lead + tuple(t.shape[t.dim() - tail:]))
 
     def finish(self, out: torch.Tensor, lse=None, stats=None):
         """The caller's result: ``out`` back in its layout, with ``lse`` and
         the stats dict when asked."""
         if self.layout == "bshd":
             out = out.transpose(1, 2)  # [B, Lq, Hq, Dv]
+        if self.lead is not None:  # back to the caller's (N, ..., L, Ev)
+            out = self.unflatten(out, 2)
+            lse = self.unflatten(lse, 1)
+            stats = self.unflatten(stats, 1)
         if not self.return_lse and not self.return_stats:
             return out
         res = (out,)
@@ -401,8 +547,11 @@ def resolve_call(query, key, value, *, layout: str = "bhsd", enable_gqa: bool = 
     views, the causal alignment, the scale, the key padding from either mask
     argument, per-head float32 [Hq] hyperparameters (``config`` overriding
     the keywords). ``value=None``: prediction alone; ``topk``/``sim_threshold``
-    left ``ABSENT``: the entry point selects no blocks (the sparse kernel alone)."""
-    q, k, v = check_qkv(query, key, value, layout, enable_gqa)
+    left ``ABSENT``: the entry point selects no blocks (the sparse kernel alone).
+    Inputs of rank 3 or > 4 are resolved to 4-D views (``Call.lead`` keeps
+    their shape); ``attn_mask`` then broadcasts to ``(N, ..., Lq, Lk)`` as in
+    SDPA and ``key_padding_mask`` is ``[B, Lk]`` over the flattened batch."""
+    q, k, v, lead = check_qkv(query, key, value, layout, enable_gqa)
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     if config is not None:
@@ -418,7 +567,11 @@ def resolve_call(query, key, value, *, layout: str = "bhsd", enable_gqa: bool = 
     check_number(dropout_p, "dropout_p", 0.0, 1.0)
     if dropout_p >= 1.0:
         raise ValueError(f"dropout_p: {dropout_p} must be < 1")
-    call = Call(q, k, v, layout, causal, s, precision, dropout_p=dropout_p, attn_mask=attn_mask)
+    if attn_mask is not None:
+        check_attn_mask_dtype(attn_mask, q.dtype)
+        if lead is not None:
+            attn_mask = flatten_mask(attn_mask, lead, "attn_mask")
+    call = Call(q, k, v, layout, causal, s, precision, dropout_p=dropout_p, attn_mask=attn_mask, lead=lead)
     if topk is not ABSENT:
         call.select_mode, call.selection = selection(topk, cdf_threshold)
         call.select_param = head_param(call.selection, "topk" if call.select_mode == _lib.SELECT_TOPK

@@ -6,6 +6,12 @@ each key is seen, and the dense torch attention ``sparge.attn`` falls back to.
 
 ``sparge.fallback_counts()`` and ``sparge.integrations.fallback_counts()``
 are this module's ``fallback_counts``.
+
+Counting and warning happen in eager code only: while ``torch.compile``
+traces (``torch.compiler.is_compiling()``), ``note_fallback`` does nothing, so
+a fallback inside ``torch.compile(fullgraph=True)`` traces with no lock, no
+warning and no Python side effect in the graph (a lock is an "Unsupported
+context manager" for Dynamo). Compiled fallbacks are therefore not counted.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import _args, reference
 from ._args import Call
 
 __all__ = ["fallback_counts", "reset_fallback_counts", "note_fallback", "sdpa"]
@@ -42,7 +48,10 @@ def reset_fallback_counts() -> None:
 def note_fallback(where: str, reason: str, message: Optional[str] = None, stacklevel: int = 3) -> None:
     """Count a fallback and warn the first time its key is seen. ``message``
     defaults to the integrations' wording; ``stacklevel`` counts from the
-    caller of this function, as ``warnings.warn`` does."""
+    caller of this function, as ``warnings.warn`` does. A no-op while
+    torch.compile traces (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return
     key = f"{where}: {reason}"
     with _lock:
         first = key not in _counts
@@ -59,6 +68,8 @@ def sdpa(call: Call, attn_mask=None, dropout_p: float = 0.0):
     (out [B, Hq, Lq, Dv], lse, stats); LSE and stats, when the call asks for
     them, are computed densely too (``call.finish`` makes the caller's result)."""
     q, k, v = call.q, call.k, call.v
+    if attn_mask is not None and call.lead is not None and attn_mask is not call.attn_mask:
+        attn_mask = _args.flatten_mask(attn_mask, call.lead, "attn_mask")  # a mask over (N, ..., Lq, Lk)
     causal, scale, key_padding = call.causal, call.scale, call.key_padding
     rep = q.shape[1] // k.shape[1]
     if rep > 1:

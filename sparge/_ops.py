@@ -2,8 +2,10 @@
 that ``torch.compile(fullgraph=True)`` traces them and CUDA graphs capture them.
 
 The ops take ``[B, H, L, D]`` views (any strides, unit last stride) and copy
-nothing, except on the GPU: fp32 inputs are cast to the kernels' 16-bit type,
-and rows the kernels cannot load aligned are copied once (MISALIGNED retry).
+nothing, except on the GPU: fp32 inputs are cast to the kernels' 16-bit type
+(``sparge.attn`` sends fp32 here only with ``precision="fp16"``/``"bf16"``,
+``_args.compute_path``; by default fp32 runs torch SDPA in fp32), and rows the
+kernels cannot load aligned are copied once (MISALIGNED retry).
 ``out_bshd`` chooses the memory layout of the attention output. Eager callers
 use ``run_predict``/``run_block_sparse_attn``, which skip the dispatcher when
 nothing traces.
@@ -71,7 +73,8 @@ def _attn_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
                       return_lse: bool, return_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, lse, stats = _attn_outputs(q, v, out_bshd, return_lse, return_stats)
     if q.device.type == "cuda" and q.dtype == torch.float32:
-        # the GPU kernels compute in 16 bits: cast in, run, cast the result back
+        # the GPU kernels compute in 16 bits: cast in, run, cast the result back (the
+        # caller opted in with precision="fp16"/"bf16"; sparge.attn runs fp32 SDPA otherwise)
         compute = torch.float16 if precision == _lib.PRECISION_CODES["fp16"] else torch.bfloat16
         q, k, v = (t.to(compute) for t in (q, k, v))
         out16 = torch.empty_like(out, dtype=compute)

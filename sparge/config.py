@@ -294,8 +294,13 @@ class SpargeConfig:
     def load(cls, path: Union[str, os.PathLike], num_heads: Optional[Mapping[str, int]] = None) -> "SpargeConfig":
         """Read and validate a config file; with ``num_heads`` ({module path:
         query heads}), also check that it matches the model."""
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        name = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name}: not a UTF-8 text file, so not a sparge config ({e.reason} at byte "
+                              f"{e.start})") from None
 
         def no_constant(name):
             raise ConfigError(f"{os.fspath(path)}: {name} is not valid JSON (non-finite numbers are not allowed)")
@@ -303,7 +308,9 @@ class SpargeConfig:
         try:
             raw = json.loads(text, parse_constant=no_constant)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{os.fspath(path)}: not valid JSON ({e})") from None
+            raise ConfigError(f"{name}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{name}: JSON nested too deeply to be a sparge config") from None
         try:
             cfg = cls.from_dict(raw)
         except ConfigError as e:
@@ -329,5 +336,7 @@ def resolve(config, num_heads: int, device: torch.device) -> Dict[str, Any]:
         unknown = set(config) - set(_FIELDS)
         if unknown:
             raise ValueError(f"config: unknown keys {sorted(unknown)} (allowed: {', '.join(_FIELDS)})")
+        if config.get("topk") is not None and config.get("cdf_threshold") is not None:
+            raise ConfigError("config: give either topk or cdf_threshold, not both")
         return dict(config)
     raise TypeError(f"config: expected a LayerConfig, SpargeConfig or dict, got {type(config).__name__}")

@@ -39,6 +39,9 @@ def block_shape(device: Union[str, torch.device], head_dim: int, precision: str 
     """(BQ, BK) of the kernel sparge uses on ``device`` for this head dim."""
     device = torch.device(device)
     _args.check_precision(precision)
+    _args.check_dim(head_dim, "head_dim")
+    if head_dim_v is not None:
+        _args.check_dim(head_dim_v, "head_dim_v")
     bq, bk, _, _ = _lib.kernel_config(device, head_dim, head_dim if head_dim_v is None else head_dim_v, dtype,
                                       precision)
     return bq, bk
@@ -48,13 +51,16 @@ def predict(query, key, *, is_causal: bool = False, scale=None, enable_gqa: bool
             cdf_threshold=None, sim_threshold: Hyper = -0.1, attention_sink: bool = False,
             causal_alignment: str = "top_left", layout: str = "bhsd", block_size: Optional[Tuple[int, int]] = None,
             precision: str = "auto") -> torch.Tensor:
-    """Stage 1 alone: the block mask ``[B, Hq, nq, nk]`` (bool) that ``attn`` would use."""
-    call = _args.resolve_call(query, key, None, layout=layout, enable_gqa=enable_gqa, is_causal=is_causal,
+    """Stage 1 alone: the block mask ``[B, Hq, nq, nk]`` (bool) that ``attn``
+    would use (``(N, ..., nq, nk)`` for inputs of another rank)."""
+    call = _args.resolve_call(query, key, _args.ABSENT, layout=layout, enable_gqa=enable_gqa, is_causal=is_causal,
                               causal_alignment=causal_alignment, scale=scale, precision=precision, topk=topk,
                               cdf_threshold=cdf_threshold, sim_threshold=sim_threshold)
     _args.check_flag(attention_sink, "attention_sink")
     bq, bk = call.block_shape(block_size)
-    return _predict_mask(call, attention_sink, bq, bk)
+    # copy only what the kernel cannot read in place (a non-unit last stride), as attn does
+    call.q, call.k = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k))
+    return call.unflatten(_predict_mask(call, attention_sink, bq, bk), 2)
 
 
 def _predict_mask(call: _args.Call, sink: bool, bq: int, bk: int) -> torch.Tensor:
@@ -98,12 +104,14 @@ def block_sparse_attn(query, key, value, block_mask, *, is_causal: bool = False,
         raise TypeError(f"block_mask: dtype {block_mask.dtype}, expected torch.bool")
     if block_mask.device != q.device:
         raise ValueError(f"block_mask: on {block_mask.device} but query is on {q.device}")
+    if call.lead is not None:  # broadcastable to (N, ..., nq, nk) like the query
+        block_mask = _args.flatten_mask(block_mask, call.lead, "block_mask")
     try:
         mask = block_mask.expand(B, Hq, nq, nk)
     except RuntimeError:
         raise ValueError(f"block_mask: shape {tuple(block_mask.shape)} does not broadcast to "
                          f"[B, Hq, nq, nk] = [{B}, {Hq}, {nq}, {nk}] for block size ({bq}, {bk})") from None
-    reason = call.native_reason()
+    reason = call.native_reason() or call.precision_reason()
     if reason is None:
         _, _, group, prec = call.kernel()
         out, lse, stats = _ops.run_block_sparse_attn(q, k, v, mask, call.key_padding, call.pv_threshold,
@@ -141,6 +149,14 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
     and a stats dict when asked. With ``auto_dense`` (default), a GPU call too
     small for sparsity to pay, or a top-k too high to beat torch's dense kernel,
     runs torch SDPA instead (exact; stats then report density 1).
+
+    Inputs are SDPA's ``(N, ..., L, E)`` of any rank >= 3 (rank 3: one head;
+    leading dimensions flatten into the batch by views); ``layout="bshd"``
+    takes 4-D ``[B, L, H, D]``. Precision: float32 inputs get float32
+    accuracy by default; the CPU computes them in float32, and on CUDA (whose
+    kernels have 16-bit operands) they run torch SDPA in float32, warned once
+    and counted. ``precision="bf16"``/``"fp16"`` opts into the sparse kernel in
+    16 bits for float32 inputs there.
     """
     if _observer is not None and not (return_lse or return_stats):
         out = _observer(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, layout,
@@ -160,12 +176,14 @@ def attn(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: b
         reason = "dropout_p > 0 (sparge is an inference kernel)"
     if reason is None:
         reason = call.native_reason()
+    if reason is None:
+        reason = call.precision_reason()  # float32 on CUDA without an opt-in to 16 bits
     if reason is not None:
         _note_fallback("sparge.attn", reason)
-        return call.finish(*_fallback.sdpa(call, attn_mask, dropout_p))
+        return call.finish(*_fallback.sdpa(call, call.attn_mask, dropout_p))
     if auto_dense and not return_lse and _dense_pays(call.q, call.k, call.causal, call.select_mode, call.selection):
         # exact dense attention is faster here than prediction + sparse kernel
-        return call.finish(*_fallback.sdpa(call, attn_mask))
+        return call.finish(*_fallback.sdpa(call, call.attn_mask))
 
     # copy only what the kernel cannot read in place (a non-unit last stride)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))

@@ -25,8 +25,34 @@ MASK = torch.ones(1, 2, 1, 1, dtype=torch.bool)
 
 # (description, callable, exception type, text the message must contain)
 BAD_INPUTS = [
-    ("query rank 3", lambda: sparge.attn(Q[0], K, V), ValueError, "query"),
+    ("query rank 2", lambda: sparge.attn(Q[0, 0], K[0, 0], V[0, 0]), ValueError, "query"),
+    ("query rank 3, key rank 4", lambda: sparge.attn(Q[0], K, V), ValueError, "key"),
     ("key rank 5", lambda: sparge.attn(Q, K[None], V), ValueError, "key"),
+    ("value rank 5", lambda: sparge.attn(Q[None], K[None], V), ValueError, "value"),
+    ("rank 5 leading dims differ", lambda: sparge.attn(Q[None].expand(2, -1, -1, -1, -1), K[None], V[None]),
+     ValueError, "key"),
+    ("bshd rank 3", lambda: sparge.attn(Q[0], K[0], V[0], layout="bshd"), ValueError, "layout"),
+    ("value None", lambda: sparge.attn(Q, K, None), TypeError, "value"),
+    ("block_sparse_attn value None", lambda: sparge.block_sparse_attn(Q, K, None, MASK), TypeError, "value"),
+    ("enable_gqa string", lambda: sparge.attn(Q, K, V, enable_gqa="no"), TypeError, "enable_gqa"),
+    ("enable_gqa string, GQA shapes", lambda: sparge.attn(*_qkv(Hq=4, Hkv=2), enable_gqa="no"),
+     TypeError, "enable_gqa"),
+    ("predict enable_gqa int", lambda: sparge.predict(Q, K, enable_gqa=1), TypeError, "enable_gqa"),
+    ("config dict topk and cdf", lambda: sparge.attn(Q, K, V, config={"topk": 0.5, "cdf_threshold": 0.9}),
+     ValueError, "topk or cdf_threshold"),
+    ("int64 attn_mask", lambda: sparge.attn(Q, K, V, attn_mask=torch.ones(64, 64, dtype=torch.int64)),
+     TypeError, "attn_mask"),
+    ("float64 attn_mask", lambda: sparge.attn(Q, K, V, attn_mask=torch.zeros(64, 64, dtype=torch.float64)),
+     TypeError, "attn_mask"),
+    ("huge block_size", lambda: sparge.block_sparse_attn(Q, K, V, MASK, block_size=(2 ** 40, 64)),
+     ValueError, "block_size"),
+    ("predict huge block_size", lambda: sparge.predict(Q, K, block_size=(64, 2 ** 31)), ValueError, "block_size"),
+    ("block_shape float head dim", lambda: sparge.block_shape("cpu", 64.9), TypeError, "head_dim"),
+    ("block_shape string head dim", lambda: sparge.block_shape("cpu", "100"), TypeError, "head_dim"),
+    ("block_shape bool head dim", lambda: sparge.block_shape("cpu", True), TypeError, "head_dim"),
+    ("block_shape float head_dim_v", lambda: sparge.block_shape("cpu", 64, head_dim_v=64.0), TypeError,
+     "head_dim_v"),
+    ("block_shape huge head dim", lambda: sparge.block_shape("cpu", 2 ** 40), ValueError, "head_dim"),
     ("value not a tensor", lambda: sparge.attn(Q, K, [1, 2]), TypeError, "value"),
     ("int query", lambda: sparge.attn(Q.long(), K, V), TypeError, "query"),
     ("mixed dtypes", lambda: sparge.attn(Q, K.half(), V), TypeError, "key"),
@@ -87,6 +113,52 @@ def test_bad_input_raises_naming_argument(what, fn, exc, needle):
 
 def test_bad_input_table_is_large():
     assert len(BAD_INPUTS) >= 25
+
+
+def test_attn_mask_dtypes_follow_sdpa():
+    """SDPA takes a bool mask, a float32 one or one of the query's dtype: so does sparge."""
+    q, k, v = (t.bfloat16() for t in (Q, K, V))
+    for m in (torch.zeros(64, 64), torch.zeros(64, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bool)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = sparge.attn(q, k, v, attn_mask=m, topk=1.0)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert (out.float() - ref.float()).abs().max().item() < 2e-2, m.dtype
+    for dt in (torch.float16, torch.int64, torch.uint8):
+        m = torch.zeros(64, 64, dtype=dt)
+        with pytest.raises(RuntimeError):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        with pytest.raises(TypeError, match="attn_mask"):
+            sparge.attn(q, k, v, attn_mask=m)
+
+
+def test_size_check_comes_before_any_allocation(monkeypatch):
+    """2^31 heads (an expanded view, no memory): refused naming the argument
+    before the per-head vectors (8 GiB each) are built."""
+    from sparge import _args
+
+    def no_alloc(*a, **kw):
+        raise AssertionError("a per-head vector was built before the size check")
+
+    monkeypatch.setattr(_args, "_constant_vector", no_alloc)
+    q = torch.randn(1, 1, 64, 32).expand(1, 2 ** 31, 64, 32)
+    for fn in (lambda: sparge.predict(q, q), lambda: sparge.attn(q, q, q)):
+        with pytest.raises(ValueError, match=r"query: dimension 1 .* 2147483648"):
+            fn()
+    assert _args.MAX_DIM_SIZE == 2 ** 31 - 1
+
+
+def test_c_abi_refuses_2_to_the_31_heads():
+    """The C layer's limit is the Python one (MAX_DIM_SIZE = 2^31 - 1)."""
+    q = torch.randn(1, 1, 64, 32).expand(1, 2 ** 31, 64, 32)
+    status, _ = _C.predict_workspace_size(_desc(q), _desc(q), scale=0.1, block_q=64, block_k=64)
+    assert status == _lib.INVALID_VALUE and "2147483647" in _C.last_error()
+
+
+def test_predict_copies_a_non_unit_last_stride_like_attn():
+    qs = torch.randn(1, 2, 64, 64)[..., ::2]
+    assert qs.stride(-1) != 1
+    assert torch.equal(sparge.predict(qs, qs), sparge.predict(qs.contiguous(), qs.contiguous()))
 
 
 # --------------------------------------------------------------------------

@@ -131,3 +131,25 @@ def test_layer_config_under_torch_compile():
     lc = LayerConfig(sim_threshold=[-0.1, 0.2], cdf_threshold=[0.9, 0.95], pv_threshold=[None, 6.0])
     f = torch.compile(lambda q, k, v: sparge.attn(q, k, v, config=lc), fullgraph=True)
     assert torch.equal(f(q, k, v), sparge.attn(q, k, v, config=lc))
+
+
+def test_binary_file_is_a_config_error_naming_the_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\xff\xfe\x00\x01\x80binary")
+    with pytest.raises(ConfigError, match="weights.bin: not a UTF-8 text file"):
+        SpargeConfig.load(path)
+
+
+def test_deeply_nested_file_is_a_config_error_naming_the_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ConfigError, match="deep.json: JSON nested too deeply"):
+        SpargeConfig.load(path)
+
+
+def test_config_dict_with_topk_and_cdf_threshold_raises():
+    q = torch.randn(1, 2, 64, 32)
+    with pytest.raises(ConfigError, match="either topk or cdf_threshold"):
+        sparge.attn(q, q, q, config={"topk": 0.5, "cdf_threshold": 0.9})
+    # one of them alone is fine
+    sparge.attn(q, q, q, config={"cdf_threshold": 0.9})

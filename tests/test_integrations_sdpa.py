@@ -77,7 +77,7 @@ def test_gqa_and_key_padding_are_routed():
      "float attention masks"),
     ("banded bool mask", lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.ones(200, 200, dtype=torch.bool).tril()), "other than key padding"),
-    ("3-D inputs", lambda q, k, v: F.scaled_dot_product_attention(q[0], k[0], v[0]), "not 4-D"),
+    ("2-D inputs", lambda q, k, v: F.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]), "rank >= 3"),
     ("float64", lambda q, k, v: F.scaled_dot_product_attention(q.double(), k.double(), v.double()), "dtypes"),
     ("gradients", lambda q, k, v: F.scaled_dot_product_attention(q.requires_grad_(), k, v), "gradients"),
 ])

@@ -30,7 +30,10 @@ _notes_lock = threading.Lock()
 
 
 def note_once(where: str, message: str) -> None:
-    """Warn once per message (things that are not a dense fallback)."""
+    """Warn once per message (things that are not a dense fallback); a no-op
+    while torch.compile traces (no lock in traced code)."""
+    if torch.compiler.is_compiling():
+        return
     key = f"{where}: {message}"
     with _notes_lock:
         first = key not in _notes
@@ -186,7 +189,7 @@ def run_sdpa_like(q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal:
     ctx = ctx or CallContext()
     seq = 2 if layout == "bhsd" else 1
     qo = ko = None
-    if ctx.grid is not None and attn_mask is None and key_padding_mask is None and not is_causal:
+    if ctx.grid is not None and attn_mask is None and key_padding_mask is None and not is_causal and q.dim() == 4:
         n = math.prod(ctx.grid)
         qo = _visual_offset(q.shape[seq], n, ctx.text_first)
         ko = _visual_offset(k.shape[seq], n, ctx.text_first)

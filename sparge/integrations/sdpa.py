@@ -16,9 +16,12 @@ those points, a thread without a scope that calls SDPA goes through the router
 to the original function unchanged. Scopes nest (the innermost options win) and
 are restored on exit even when the body raises.
 
-Calls the router sends to the original function: tensors that are not 4-D
-``[B, H, L, D]`` float16/bfloat16/float32 on one CPU or CUDA device, masks
-other than boolean key padding (broadcastable to ``[B, 1, 1, Lk]``),
+Inputs of any rank >= 3, ``(N, ..., L, E)`` as SDPA takes them, are routed
+(``sparge.attn`` flattens the leading dimensions by views). Calls the router
+sends to the original function: tensors of rank < 3 or of different ranks,
+other than float16/bfloat16/float32 on one CPU or CUDA device, masks other
+than boolean key padding (broadcastable to ``[B, 1, 1, Lk]``, or
+``(N, ..., 1, 1, Lk)`` for other ranks),
 ``dropout_p > 0``, inputs that need gradients (sparge is inference-only), and
 anything SDPA itself would reject. Each reason is counted
 (``sparge.fallback_counts()``, keys ``"patch_sdpa: <reason>"``) and warned
@@ -147,8 +150,9 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
         return "non-tensor inputs"
     if any(t.is_nested for t in ts):
         return "nested tensors"
-    if any(t.dim() != 4 for t in ts):
-        return "inputs that are not 4-D [B, H, L, D]"
+    rank = query.dim()
+    if rank < 3 or key.dim() != rank or value.dim() != rank:
+        return "inputs that are not (N, ..., L, E) of one rank >= 3"
     if any(t.dtype not in _DTYPES for t in ts) or len({t.dtype for t in ts}) > 1:
         return "dtypes other than one of float16, bfloat16, float32"
     dev = query.device
@@ -160,21 +164,27 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
         return "inputs that need gradients (sparge is inference-only)"
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
         return "dropout_p > 0"
-    B, Hq, Lq, _ = query.shape
-    Hkv, Lk = key.shape[1], key.shape[2]
+    lead = query.shape[:-3]  # batch dimensions (rank 3: N, with no head dimension)
+    Hq, Hkv = (query.shape[-3], key.shape[-3]) if rank >= 4 else (1, 1)
+    Lk = key.shape[-2]
     if Hq != Hkv and (not enable_gqa or Hq % Hkv != 0):
         return "mismatched head counts"
-    if key.shape[0] != B or value.shape[:3] != key.shape[:3] or key.shape[3] != query.shape[3]:
+    if (key.shape[:-3] != lead or value.shape[:-1] != key.shape[:-1] or key.shape[-1] != query.shape[-1]
+            or (rank == 3 and key.shape[0] != query.shape[0])):
         return "mismatched shapes"
     if attn_mask is not None:
         if is_causal:
             return "attn_mask together with is_causal"
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
             return "float attention masks"
-        if attn_mask.dim() > 4 or attn_mask.device != dev:
+        if attn_mask.dim() > rank or attn_mask.device != dev:
             return "attention masks of unusual rank or device"
-        full = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-        if full[0] not in (1, B) or full[1] != 1 or full[2] != 1 or full[3] != Lk:
+        full = (1,) * (rank - attn_mask.dim()) + tuple(attn_mask.shape)
+        batch = full[:-3] if rank >= 4 else full[:1]
+        want = lead if rank >= 4 else query.shape[:1]
+        heads_one = rank == 3 or full[-3] == 1
+        if (not heads_one or full[-2] != 1 or full[-1] != Lk
+                or any(b not in (1, w) for b, w in zip(batch, want))):
             return "boolean masks other than key padding"
     if not isinstance(is_causal, bool):
         return "a non-bool is_causal"
@@ -203,8 +213,9 @@ def _router(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
                     enable_gqa=enable_gqa, **extra)
     _local.busy = True  # sparge's own fallbacks call SDPA: they must reach the original
     try:
-        if attn_mask is not None:
+        if attn_mask is not None and query.dim() == 4:
             attn_mask = attn_mask.reshape(attn_mask.shape[0] if attn_mask.dim() == 4 else 1, 1, 1, -1)
+        # (other ranks: sparge.attn flattens the mask with the inputs' leading dimensions)
         return run_sdpa_like(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                              enable_gqa=enable_gqa, ctx=ctx)
     finally:
