@@ -164,9 +164,15 @@ def test_attn_dense_equals_sdpa(dtype, causal):
 @needs_kernels
 def test_fp32_input_gives_fp32_output():
     q, k, v = _qkv(1, 2, 2, 300, 300, 64, torch.float32)
-    out = sparge.attn(q, k, v, topk=1.0)
-    assert out.dtype == torch.float32
     ref = F.scaled_dot_product_attention(q, k, v)
+    # default: fp32 accuracy (torch's fp32 SDPA); precision="bf16": the kernel, output cast back
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sparge.attn(q, k, v, topk=1.0)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max().item() < 1e-5
+    out = sparge.attn(q, k, v, topk=1.0, precision="bf16", auto_dense=False)
+    assert out.dtype == torch.float32
     assert (out - ref).abs().max().item() < 3e-2
 
 
