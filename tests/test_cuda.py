@@ -322,11 +322,13 @@ def test_kernel_nonfinite_matches_reference(tensor, value, setting):
                                             key_padding_mask=kpad)
     out, ref = out.float().cpu(), ref.cpu()
     what = f"{tensor}={value} {setting}"
-    assert not torch.isfinite(ref).all(), what
+    if not (tensor == "k" and setting == "key_padding"):  # a padded key is hidden from every row
+        assert not torch.isfinite(ref).all(), what
     assert torch.equal(out.isnan(), ref.isnan()), what
     assert torch.equal(out.isinf(), ref.isinf()), what
     fin = torch.isfinite(ref)
-    assert (out[fin] - ref[fin]).abs().max().item() < 2e-2, what
+    if fin.any():  # a NaN key seen by every row leaves no finite element
+        assert (out[fin] - ref[fin]).abs().max().item() < 2e-2, what
     if tensor != "q":  # rows that do not see the key are untouched by it
         em = element_mask(mask.expand(1, 2, -1, -1), L, L, bq, bk, causal, kpad).cpu()
         assert torch.isfinite(out[~em[..., _NF_KEY]]).all(), what
