@@ -51,7 +51,7 @@ import sparge  # noqa: E402
 from sparge import reference  # noqa: E402
 from sparge.demo import make_video_qkv  # noqa: E402
 
-ORACLE_RHOS = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
+ORACLE_RHOS = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.875, 0.95, 1.0)
 TOPKS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 CDFS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 SIMS = (0.0, 0.1, 0.2)
