@@ -294,8 +294,8 @@ def main(argv=None):
     print("\nerror / per-row oracle error at the same density, points with density in [0.1, 0.3]: median (max, n)")
     modes = SPARGE_MODES + ("oracle_global",)
     print(f"{'dataset':<28} " + " ".join(f"{m:>18}" for m in modes))
-    for ds, _ in {(r["dataset"], 0): 0 for r in rows}:
-        s = summary(rows)
+    s = summary(rows)
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
         print(f"{ds:<28} " + " ".join(f"{s[ds, m][0]:>6.2f} ({s[ds, m][1]:.2f}, {s[ds, m][2]})".rjust(18) for m in modes))
 
     write_rows(args.csv or default_csv("bench_predict_quality", dev), rows, provenance(dev))
