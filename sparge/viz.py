@@ -4,9 +4,12 @@ or ``pip install ".[plot]"`` from a checkout).
 - ``plot_block_mask``: one head's block mask;
 - ``plot_density``: density per layer and head of a calibration run (heat map);
 - ``plot_tradeoff``: density-vs-error points the calibration search evaluated,
-  with the chosen point of every head.
+  with the chosen point of every head;
+- ``plot_error_density``: error against density per dataset and selection
+  method (oracles and sparge's modes), from ``bench_predict_quality.py`` rows.
 
-Each takes ``path`` (writes a PNG and returns None) or ``ax`` (draws there).
+Each takes ``path`` (writes a PNG and returns None) or ``ax`` (draws there);
+``plot_error_density`` draws a grid of panels and returns the figure without ``path``.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from .calibration import CalibrationResult
 
-__all__ = ["plot_block_mask", "plot_density", "plot_tradeoff"]
+__all__ = ["plot_block_mask", "plot_density", "plot_tradeoff", "plot_error_density"]
 
 
 def matplotlib_missing(what: str = "sparge.viz") -> Optional[str]:
@@ -132,3 +135,45 @@ def plot_tradeoff(result: "CalibrationResult", path=None, ax=None):
     ax.legend(fontsize=8, loc="upper left")
     _finish(fig, path, plt)
     return ax
+
+
+_ERROR_DENSITY_STYLE = {"oracle_row": ("k", "-", "o", "oracle, per row"), "oracle_global": ("0.5", "--", "s", "oracle, global budget"),
+                        "topk": ("tab:blue", "-", "^", "sparge topk"), "cdf": ("tab:orange", "-", "v", "sparge cdf"),
+                        "sim": ("tab:green", "", "D", "sparge topk, sim_threshold")}
+
+
+def plot_error_density(rows, path=None, metric: str = "rel_l1"):
+    """Error (``metric`` of each row, log scale) against achieved density, one
+    panel per dataset, one curve per method: ``rows`` are dicts with ``dataset``,
+    ``method``, ``density`` and ``metric`` (as written by
+    ``benchmarks/bench_predict_quality.py``). Writes ``path`` or returns the figure."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows: nothing to plot")
+    plt = _plt()
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    cols = min(4, len(names))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((float(r["density"]), float(r[metric])) for r in rows
+                         if r["dataset"] == name and r["method"] == method and float(r[metric]) > 0)
+            if not pts:
+                continue
+            color, ls, marker, label = _ERROR_DENSITY_STYLE.get(method, (None, "-", ".", method))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, ls=ls, marker=marker, ms=3.5, lw=1.1,
+                    label=label)
+        ax.set_yscale("log")
+        ax.set_xlim(0, 1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("density (computed / allowed blocks)")
+        ax.set_ylabel(f"error vs dense ({metric})")
+        ax.grid(True, which="major", lw=0.3)
+    axes.flat[0].legend(fontsize=7, loc="upper right")
+    if path is None:
+        return fig
+    _finish(fig, path, plt)
+    return None
