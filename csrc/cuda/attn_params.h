@@ -1,5 +1,5 @@
 // attn_params.h — the parameters every CUDA attention kernel family takes
-// (attn_sm80.cuh today; attn_sm90.cuh next), filled once by the host
+// (attn_sm80.cuh, attn_sm90.cuh), filled once by the host
 // (csrc/cuda/attn.cu) from the validated descriptors and passed to the kernel
 // by value. A plain struct of pointers, int64 strides (in elements) and
 // 32-bit sizes, so that it means the same in host and device code and a new
@@ -41,6 +41,25 @@ struct AttnParams {
   int32_t causal;                 // 0/1
   float scale_log2;               // scale * log2(e)
 };
+
+#ifdef __CUDACC__
+// The q-block qi and the flat (batch, q-head) index bh of CTA `cta` (grid =
+// nq * B * Hq), the same order for every kernel family. Causal: q-blocks in
+// descending order, (batch, head) fastest, so the rows with the most blocks
+// start first (load balance). Otherwise q-block fastest: the CTAs in flight
+// share the K/V of few heads, which stay in L2.
+__device__ __forceinline__ void attn_cta_tile(const AttnParams &p, int cta, int &qi, int &bh) {
+  if (p.causal) {
+    const int nbh = p.B * p.Hq;
+    const int qrank = cta / nbh;
+    bh = cta - qrank * nbh;
+    qi = p.nq - 1 - qrank;
+  } else {
+    bh = cta / p.nq;
+    qi = cta - bh * p.nq;
+  }
+}
+#endif
 
 }  // namespace sparge_cuda
 

@@ -11,7 +11,6 @@
 #include <math_constants.h>
 #include <stdint.h>
 
-#include <atomic>
 
 #include "../geometry.h"
 #include "../tile_config.h"
@@ -243,19 +242,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
   // ---- per-warp slot: tile coordinates, pointers, options, cursor ----
   volatile WarpSlot *ws = reinterpret_cast<volatile WarpSlot *>(smem + C::kWarpSlotOff) + warp;
   {
-    // Causal: q-blocks in descending order, (batch, head) fastest, so the rows
-    // with the most blocks start first (load balance). Otherwise q-block
-    // fastest: the CTAs in flight share the K/V of few heads, which stay in L2.
-    int qi, bh;
-    if (p.causal) {
-      const int nbh = p.B * p.Hq;
-      const int qrank = (int)blockIdx.x / nbh;
-      bh = (int)blockIdx.x - qrank * nbh;
-      qi = p.nq - 1 - qrank;
-    } else {
-      bh = (int)blockIdx.x / p.nq;
-      qi = (int)blockIdx.x - bh * p.nq;
-    }
+    int qi, bh;  // tile order: attn_cta_tile (attn_params.h)
+    attn_cta_tile(p, (int)blockIdx.x, qi, bh);
     const int b = bh / p.Hq, h = bh - b * p.Hq;
     const int hk = h / p.rep;  // GQA: kv-head of q-head h
     const int r0 = qi * C::kBQ;
@@ -646,17 +634,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) attn_fwd_kernel(co
 // memory limit once per device. Returns the launch error, if any.
 template <typename T, class C>
 cudaError_t launch_cfg(const AttnParams &p, unsigned grid, cudaStream_t stream) {
-  static std::atomic<bool> smem_set[kMaxDevices];  // races only repeat the attribute call
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = allow_dynamic_smem<attn_fwd_kernel<T, C>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const bool cached = dev >= 0 && dev < kMaxDevices;
-  if (!cached || !smem_set[dev].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(attn_fwd_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (cached) smem_set[dev].store(true, std::memory_order_relaxed);
-  }
   attn_fwd_kernel<T, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

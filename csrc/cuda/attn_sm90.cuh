@@ -44,7 +44,6 @@
 #include <math_constants.h>
 #include <stdint.h>
 
-#include <atomic>
 #include <type_traits>
 
 #include "../geometry.h"
@@ -118,17 +117,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
 
-  // ---- tile coordinates (same order as the sm80 kernel) ----
+  // ---- tile coordinates (attn_cta_tile: the order of every family) ----
   int qi, bh;
-  if (p.causal) {
-    const int nbh = p.B * p.Hq;
-    const int qrank = (int)blockIdx.x / nbh;
-    bh = (int)blockIdx.x - qrank * nbh;
-    qi = p.nq - 1 - qrank;
-  } else {
-    bh = (int)blockIdx.x / p.nq;
-    qi = (int)blockIdx.x - bh * p.nq;
-  }
+  attn_cta_tile(p, (int)blockIdx.x, qi, bh);
   const int b = bh / p.Hq, h = bh - b * p.Hq;
   const int hk = h / p.rep;
   const int r0 = qi * BQ;
@@ -536,16 +527,8 @@ cudaError_t launch_sm90_cfg(const AttnParams &p, unsigned grid, cudaStream_t str
       !sm90::make_tensor_map(&tk, p.k, kBf16, p.B, Hkv, p.Lk, C::kD, p.k_sb, p.k_sh, p.k_sl, C::kBK) ||
       !sm90::make_tensor_map(&tv, p.v, kBf16, p.B, Hkv, p.Lk, C::kD, p.v_sb, p.v_sh, p.v_sl, C::kBK))
     return cudaErrorNotSupported;
-  static std::atomic<bool> smem_set[kMaxDevices];  // races only repeat the attribute call
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = allow_dynamic_smem<attn_sm90_kernel<T, C>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const bool cached = dev >= 0 && dev < kMaxDevices;
-  if (!cached || !smem_set[dev].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(attn_sm90_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (cached) smem_set[dev].store(true, std::memory_order_relaxed);
-  }
   attn_sm90_kernel<T, C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tq, tk, tv);
   return cudaGetLastError();
 }

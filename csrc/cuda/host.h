@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "../internal.h"
 
 namespace sparge_cuda {
@@ -17,6 +19,22 @@ constexpr int kMaxDevices = 64;
 
 // Records "what: cudaErrorX (text)" as the CUDA_ERROR detail and returns it.
 sparge_status_t cuda_error(cudaError_t err, const char *what);
+
+// Raises kernel K's dynamic shared-memory limit to `bytes` on the current
+// device, once per device and kernel (races between threads only repeat the
+// attribute call). Every launcher of a > 48 KB kernel calls it.
+template <auto K>
+cudaError_t allow_dynamic_smem(int bytes) {
+  static std::atomic<bool> done[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && done[dev].load(std::memory_order_relaxed)) return cudaSuccess;
+  err = cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && cached) done[dev].store(true, std::memory_order_relaxed);
+  return err;
+}
 
 // The attributes of a device the CUDA backend decides with.
 struct DeviceInfo {
